@@ -1,0 +1,185 @@
+"""The Starlette app: routes, error responses, and the lifespan that owns shared parts.
+
+Heavy parts (the `openai` SDK, a local Whisper model) warm up in the background after the
+server listens; a request that needs one before it is ready waits for that one only.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from . import errors
+from .admission import Admission
+from .ingest import check_declared_length, parse_window
+from .pipeline import JobResult, JobSpec, Pipeline
+from .responses import error_response, success_response
+from .settings import Settings
+from .spool import MemoryBudget, usable_tmp_dir
+from .telemetry import log_request
+from .transcode import find_ffmpeg
+from .transcribers import Transcriber, create_transcriber
+from .warmup import Lazy
+
+logger = logging.getLogger("vrai_stream.app")
+
+
+@dataclass
+class Services:
+    """What every request shares; built once by the lifespan."""
+
+    settings: Settings
+    admission: Admission
+    pipeline: Pipeline
+    transcriber: Lazy[Transcriber]
+
+    @classmethod
+    def create(cls, settings: Settings, ffmpeg: str) -> Services:
+        transcriber: Lazy[Transcriber] = Lazy(lambda: create_transcriber(settings))
+        return cls(
+            settings=settings,
+            admission=Admission(
+                max_jobs=settings.max_jobs,
+                max_queue=settings.max_queue,
+                queue_timeout_seconds=settings.queue_timeout_seconds,
+                retry_after_seconds=settings.retry_after_seconds,
+            ),
+            pipeline=Pipeline(
+                settings,
+                ffmpeg=ffmpeg,
+                budget=MemoryBudget(settings.spool_memory_total_bytes),
+                transcriber=transcriber.get,
+                tmp_dir=usable_tmp_dir(settings.tmp_dir),
+            ),
+            transcriber=transcriber,
+        )
+
+    async def aclose(self) -> None:
+        if self.transcriber.ready:
+            await (await self.transcriber.get()).aclose()
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    settings = settings or Settings.from_env()
+    ffmpeg = find_ffmpeg(settings.ffmpeg)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        services = Services.create(settings, ffmpeg)
+        app.state.services = services
+        async with anyio.create_task_group() as background:
+            background.start_soon(services.transcriber.warm_up, "transcriber")
+            try:
+                yield
+            finally:
+                background.cancel_scope.cancel()
+                await services.aclose()
+
+    return Starlette(
+        routes=[
+            Route("/health", health, methods=["GET"]),
+            Route("/v1/transcriptions", transcriptions, methods=["POST"]),
+        ],
+        exception_handlers={HTTPException: http_error, Exception: unexpected_error},
+        lifespan=lifespan,
+    )
+
+
+async def health(request: Request) -> Response:
+    services: Services = request.app.state.services
+    return JSONResponse(
+        {
+            "status": "ok",
+            "transcriber": services.settings.transcriber,
+            "transcriberReady": services.transcriber.ready,
+            "jobsRunning": services.admission.running,
+            "jobsWaiting": services.admission.waiting,
+        }
+    )
+
+
+async def transcriptions(request: Request) -> Response:
+    """Raw audio in the body; `fromTime`/`toTime` in the query; JSON or MP3 out."""
+    services: Services = request.app.state.services
+    settings = services.settings
+    request_id = uuid.uuid4().hex
+    result: JobResult | None = None
+    started = anyio.current_time()
+    try:
+        window = parse_window(request.query_params, max_window_seconds=settings.max_window_seconds)
+        check_declared_length(request.headers, settings.max_body_bytes)
+        spec = JobSpec(
+            request_id=request_id,
+            window=window,
+            want_mp3="audio/mpeg" in request.headers.get("accept", ""),
+        )
+        result = JobResult(spec=spec)
+        async with services.admission.slot():
+            await services.pipeline.run(spec, _body(request), result)
+    except errors.ServiceError as exc:
+        _log(request, request_id, started, result, exc)
+        return error_response(exc, request_id)
+    _log(request, request_id, started, result, None)
+    return success_response(result)
+
+
+async def _body(request: Request) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in request.stream():
+            yield chunk
+    except ClientDisconnect:
+        raise errors.ClientDisconnected("The client disconnected during the upload") from None
+
+
+def _log(
+    request: Request,
+    request_id: str,
+    started: float,
+    result: JobResult | None,
+    failure: errors.ServiceError | None,
+) -> None:
+    fields: dict[str, Any] = {
+        "requestId": request_id,
+        "method": request.method,
+        "path": request.url.path,
+        "status": failure.status if failure else 200,
+        "code": failure.code if failure else "ok",
+        "seconds": round(anyio.current_time() - started, 3),
+    }
+    if result is not None:
+        fields["fromTime"] = result.spec.window.start
+        fields["toTime"] = result.spec.window.end
+        fields.update(result.log_fields())
+    log_request(fields)
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    """404s and 405s in the service's own error shape."""
+    assert isinstance(exc, HTTPException)
+    failure: errors.ServiceError
+    if exc.status_code == 405:
+        failure = errors.MethodNotAllowed("This method is not allowed on this path")
+    elif exc.status_code == 404:
+        failure = errors.NotFound(f"No endpoint at {request.url.path}")
+    else:
+        failure = errors.InvalidParameters(str(exc.detail))
+        failure.status = exc.status_code
+    return error_response(failure, uuid.uuid4().hex)
+
+
+async def unexpected_error(request: Request, exc: Exception) -> Response:
+    """A bug, not bad input: log it whole, tell the client as little as possible."""
+    request_id = uuid.uuid4().hex
+    logger.error("unhandled error", exc_info=exc, extra={"requestId": request_id})
+    return error_response(errors.InternalError("Something went wrong on our side"), request_id)

@@ -1,0 +1,104 @@
+"""`vrai-stream serve` and `vrai-stream transcribe FILE`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import anyio
+
+from .settings import Settings, SettingsError
+from .telemetry import configure_logging
+from .transcode import FfmpegNotFound
+
+READ_CHUNK_BYTES = 64 * 1024
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vrai-stream", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the HTTP service")
+    serve.add_argument("--host", help="address to listen on (default: HOST or 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (default: PORT or 8080)")
+
+    transcribe = commands.add_parser("transcribe", help="transcribe a file, print the API's JSON")
+    transcribe.add_argument("file", type=Path)
+    transcribe.add_argument("--from-time", type=float, default=0.0, metavar="S")
+    transcribe.add_argument("--to-time", type=float, default=None, metavar="S")
+
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"vrai-stream: configuration error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    try:
+        if args.command == "serve":
+            return _serve(settings, host=args.host, port=args.port)
+        return anyio.run(_transcribe, settings, args.file, args.from_time, args.to_time)
+    except FfmpegNotFound as exc:
+        print(f"vrai-stream: {exc}", file=sys.stderr)
+        return 2
+
+
+def _serve(settings: Settings, *, host: str | None, port: int | None) -> int:
+    import uvicorn
+
+    from .app import create_app
+
+    uvicorn.run(
+        create_app(settings),
+        host=host or settings.host,
+        port=settings.port if port is None else port,
+        log_config=None,
+        proxy_headers=True,
+        server_header=False,
+    )
+    return 0
+
+
+async def _transcribe(
+    settings: Settings, file: Path, from_time: float, to_time: float | None
+) -> int:
+    from . import errors
+    from .app import Services
+    from .ingest import parse_window
+    from .pipeline import JobResult, JobSpec
+    from .responses import success_body
+    from .transcode import find_ffmpeg
+
+    request_id = uuid.uuid4().hex
+    services = Services.create(settings, find_ffmpeg(settings.ffmpeg))
+    try:
+        params = {"fromTime": str(from_time)}
+        if to_time is not None:
+            params["toTime"] = str(to_time)
+        window = parse_window(params, max_window_seconds=settings.max_window_seconds)
+        result = JobResult(spec=JobSpec(request_id=request_id, window=window))
+        await services.pipeline.run(result.spec, _read_file(file), result)
+    except errors.ServiceError as exc:
+        print(json.dumps(exc.body(request_id), indent=2))
+        return 1
+    except OSError as exc:
+        print(f"vrai-stream: cannot read {file}: {exc.strerror}", file=sys.stderr)
+        return 2
+    finally:
+        await services.aclose()
+    print(json.dumps(success_body(result), indent=2))
+    return 0
+
+
+async def _read_file(path: Path) -> AsyncIterator[bytes]:
+    async with await anyio.open_file(path, "rb") as file:
+        while chunk := await file.read(READ_CHUNK_BYTES):
+            yield chunk
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

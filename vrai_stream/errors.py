@@ -1,0 +1,131 @@
+"""Every failure a client can see: an HTTP status and a stable, machine-readable code."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ServiceError(Exception):
+    """A failure that maps to one JSON error response.
+
+    `code` is part of the public contract: clients branch on it, so it never changes meaning.
+    `message` is for people and must never carry secrets.
+    """
+
+    status: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+    def body(self, request_id: str) -> dict[str, Any]:
+        return {
+            "success": False,
+            "status": self.status,
+            "code": self.code,
+            "message": self.message,
+            "requestId": request_id,
+        }
+
+
+class InvalidParameters(ServiceError):
+    status, code = 400, "invalid_parameters"
+
+
+class InvalidWindow(ServiceError):
+    status, code = 400, "invalid_window"
+
+
+class EmptyBody(ServiceError):
+    status, code = 400, "empty_body"
+
+
+class Unauthorized(ServiceError):
+    status, code = 401, "unauthorized"
+
+
+class NotFound(ServiceError):
+    status, code = 404, "not_found"
+
+
+class MethodNotAllowed(ServiceError):
+    status, code = 405, "method_not_allowed"
+
+
+class UploadTimeout(ServiceError):
+    status, code = 408, "upload_timeout"
+
+
+class BodyTooLarge(ServiceError):
+    status, code = 413, "body_too_large"
+
+
+class UndecodableAudio(ServiceError):
+    status, code = 422, "undecodable_audio"
+
+
+class UnsupportedFormat(ServiceError):
+    status, code = 422, "unsupported_format"
+
+
+class NoAudioInWindow(ServiceError):
+    status, code = 422, "no_audio_in_window"
+
+
+class TranscodeTimeout(ServiceError):
+    status, code = 422, "transcode_timeout"
+
+
+class ClientDisconnected(ServiceError):
+    """The client went away; nobody reads this response, but logs and metrics do."""
+
+    status, code = 499, "client_disconnected"
+
+
+class TranscriptionFailed(ServiceError):
+    status, code = 502, "transcription_failed"
+
+
+class Busy(ServiceError):
+    status, code = 503, "busy"
+
+
+class TranscriberUnavailable(ServiceError):
+    status, code = 503, "transcriber_unavailable"
+
+
+class TranscriptionTimeout(ServiceError):
+    status, code = 504, "transcription_timeout"
+
+
+class DiskFull(ServiceError):
+    status, code = 507, "disk_full"
+
+
+class InternalError(ServiceError):
+    status, code = 500, "internal_error"
+
+
+ALL_ERRORS: tuple[type[ServiceError], ...] = (
+    InvalidParameters,
+    InvalidWindow,
+    EmptyBody,
+    Unauthorized,
+    NotFound,
+    MethodNotAllowed,
+    UploadTimeout,
+    BodyTooLarge,
+    UndecodableAudio,
+    UnsupportedFormat,
+    NoAudioInWindow,
+    TranscodeTimeout,
+    ClientDisconnected,
+    TranscriptionFailed,
+    Busy,
+    TranscriberUnavailable,
+    TranscriptionTimeout,
+    DiskFull,
+    InternalError,
+)

@@ -1,0 +1,183 @@
+"""One job, start to finish: body -> ffmpeg -> MP3 spool -> transcript.
+
+The body is pumped into ffmpeg while it arrives.  When ffmpeg has its window it exits
+early; the pump keeps reading the body to its end, while transcription starts at once.
+Whatever happens, the job's process and files are gone when `run` returns or raises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from . import errors
+from .ingest import BodyMeter, limited
+from .settings import Settings
+from .spool import MemoryBudget, Spool
+from .transcode import Window, build_command, explain_failure, mp3_duration, run_ffmpeg
+from .transcribers import Audio, TranscribeOptions, Transcriber, Transcript
+
+TranscriberSource = Callable[[], Awaitable[Transcriber]]
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    request_id: str
+    window: Window
+    want_mp3: bool = False
+    options: TranscribeOptions = field(default_factory=TranscribeOptions)
+
+
+@dataclass
+class Timings:
+    """Seconds, from the moment the job was admitted."""
+
+    receive: float = 0.0
+    transcode: float = 0.0
+    transcribe: float = 0.0
+    total: float = 0.0
+    after_last_byte: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "receive": round(self.receive, 3),
+            "transcode": round(self.transcode, 3),
+            "transcribe": round(self.transcribe, 3),
+            "total": round(self.total, 3),
+            "afterLastByte": round(self.after_last_byte, 3),
+        }
+
+
+@dataclass
+class JobResult:
+    spec: JobSpec
+    input_size: int = 0
+    mp3_size: int = 0
+    duration: float = 0.0
+    output_on_disk: bool = False
+    transcript: Transcript | None = None
+    mp3: bytes | None = None
+    timings: Timings = field(default_factory=Timings)
+
+    def log_fields(self) -> dict[str, Any]:
+        return {
+            "inputSize": self.input_size,
+            "fileSize": self.mp3_size,
+            "duration": self.duration,
+            "outputSpooledToDisk": self.output_on_disk,
+            "timings": self.timings.as_dict(),
+        }
+
+
+class Pipeline:
+    """Runs jobs with the service's shared parts: ffmpeg, the memory budget, a transcriber."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        ffmpeg: str,
+        budget: MemoryBudget,
+        transcriber: TranscriberSource,
+        tmp_dir: Path,
+    ) -> None:
+        self._settings = settings
+        self._ffmpeg = ffmpeg
+        self._budget = budget
+        self._transcriber = transcriber
+        self._tmp_dir = tmp_dir
+
+    async def run(self, spec: JobSpec, chunks: AsyncIterator[bytes], result: JobResult) -> None:
+        """Fill `result` as the job goes, so a failure still reports how far it got."""
+        try:
+            await self._run(spec, chunks, result)
+        except BaseExceptionGroup as group:
+            failure = _first_service_error(group)
+            if failure is None:
+                raise
+            raise failure from None
+
+    async def _run(self, spec: JobSpec, chunks: AsyncIterator[bytes], result: JobResult) -> None:
+        settings = self._settings
+        started = anyio.current_time()
+        meter = BodyMeter()
+        body = limited(
+            chunks,
+            max_bytes=settings.max_body_bytes,
+            idle_timeout=settings.idle_timeout_seconds,
+            meter=meter,
+        )
+        command = build_command(self._ffmpeg, spec.window, settings.mp3_bitrate_kbps)
+        failure: errors.ServiceError | None = None
+        output = Spool(
+            memory_cap=settings.spool_memory_bytes, budget=self._budget, tmp_dir=self._tmp_dir
+        )
+        with output:
+            async with (
+                run_ffmpeg(
+                    command, output, timeout_after_input=settings.ffmpeg_timeout_seconds
+                ) as ffmpeg,
+                anyio.create_task_group() as group,
+            ):
+
+                async def pump() -> None:
+                    async for chunk in body:
+                        await ffmpeg.feed(chunk)
+                    await ffmpeg.finish_input()
+
+                group.start_soon(pump)
+                outcome = await ffmpeg.wait()
+                result.timings.transcode = outcome.seconds
+                result.output_on_disk = output.on_disk
+                if outcome.returncode != 0:
+                    failure = explain_failure(outcome)
+                else:
+                    mp3 = output.read_all()
+                    result.mp3_size = len(mp3)
+                    result.duration = mp3_duration(mp3)
+                    if result.duration <= 0:
+                        failure = errors.NoAudioInWindow(
+                            f"The recording has no audio between {spec.window.start:g} s "
+                            f"and {spec.window.end:g} s"
+                        )
+                    elif spec.want_mp3:
+                        result.mp3 = mp3
+                    else:
+                        del mp3
+                        try:
+                            result.transcript = await self._transcribe(spec, output, result)
+                        except errors.ServiceError as exc:
+                            failure = exc
+            # Leaving the task group means the body has been read to its last byte.
+        result.input_size = meter.size
+        finished = anyio.current_time()
+        result.timings.receive = (meter.last_byte_at or finished) - started
+        result.timings.total = finished - started
+        result.timings.after_last_byte = finished - (meter.last_byte_at or finished)
+        if failure is not None:
+            raise failure
+
+    async def _transcribe(self, spec: JobSpec, output: Spool, result: JobResult) -> Transcript:
+        transcriber = await self._transcriber()
+        began = anyio.current_time()
+        try:
+            return await transcriber.transcribe(
+                Audio(file=output.reader(), duration=result.duration, options=spec.options)
+            )
+        finally:
+            result.timings.transcribe = anyio.current_time() - began
+
+
+def _first_service_error(group: BaseExceptionGroup[BaseException]) -> errors.ServiceError | None:
+    for exc in group.exceptions:
+        if isinstance(exc, errors.ServiceError):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            found = _first_service_error(exc)
+            if found is not None:
+                return found
+    return None

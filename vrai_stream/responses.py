@@ -1,0 +1,41 @@
+"""The bodies of the public contract: one success shape, one error shape."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.responses import JSONResponse, Response
+
+from . import errors
+from .pipeline import JobResult
+
+
+def success_body(result: JobResult) -> dict[str, Any]:
+    spec = result.spec
+    transcript = result.transcript
+    return {
+        "success": True,
+        "requestId": spec.request_id,
+        "transcription": transcript.text if transcript else "",
+        "language": transcript.language if transcript else None,
+        "duration": result.duration,
+        "fromTime": spec.window.start,
+        "toTime": spec.window.end,
+        "fileSize": result.mp3_size,
+        "inputSize": result.input_size,
+        "timings": result.timings.as_dict(),
+    }
+
+
+def success_response(result: JobResult) -> Response:
+    spec = result.spec
+    headers = {"X-Request-Id": spec.request_id}
+    if result.mp3 is not None:
+        headers["X-Audio-Duration"] = f"{result.duration:.3f}"
+        return Response(result.mp3, media_type="audio/mpeg", headers=headers)
+    return JSONResponse(success_body(result), headers=headers)
+
+
+def error_response(exc: errors.ServiceError, request_id: str) -> JSONResponse:
+    headers = {"X-Request-Id": request_id, **exc.headers}
+    return JSONResponse(exc.body(request_id), status_code=exc.status, headers=headers)

@@ -1,0 +1,214 @@
+"""Every knob of the service, read once from the environment and validated.
+
+A bad value stops start-up with a message naming the variable, instead of failing
+later on some request.  Every variable read here is listed in the README.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, TypeVar, cast
+
+TranscriberKind = Literal["openai", "local"]
+DebugStoreKind = Literal["s3", "dir", "off"]
+AuthKind = Literal["off", "token", "firebase", "jwt"]
+
+_Choice = TypeVar("_Choice", bound=str)
+_Number = TypeVar("_Number", int, float)
+
+MiB = 1024 * 1024
+
+
+class SettingsError(ValueError):
+    """A variable holds a value the service cannot run with."""
+
+
+class Secret(str):
+    """A string that never shows its value in a repr, a log line or a traceback."""
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    log_level: str = "info"
+
+    # Request limits
+    max_window_seconds: float = 300.0
+    max_body_bytes: int = 1024 * MiB
+    idle_timeout_seconds: float = 30.0
+
+    # Admission
+    max_jobs: int = 4
+    max_queue: int = 8
+    queue_timeout_seconds: float = 30.0
+    retry_after_seconds: int = 5
+
+    # ffmpeg and spools
+    ffmpeg: str | None = None
+    mp3_bitrate_kbps: int = 32
+    ffmpeg_timeout_seconds: float = 120.0
+    spool_memory_bytes: int = 2 * MiB
+    spool_memory_total_bytes: int = 32 * MiB
+    tmp_dir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()))
+
+    # Transcription
+    transcriber: TranscriberKind = "local"
+    openai_api_key: Secret | None = None
+    openai_base_url: str | None = None
+    openai_model: str = "whisper-1"
+    openai_timeout_seconds: float = 60.0
+    openai_max_retries: int = 2
+    whisper_model: str | None = None
+    whisper_concurrency: int = 1
+    whisper_cpu_threads: int = 0
+    whisper_beam_size: int = 1
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from `env` (default: the process environment)."""
+        env = os.environ if env is None else env
+        reader = _Reader(env)
+        api_key = reader.text("OPENAI_API_KEY")
+        transcriber = reader.choice("VRAI_TRANSCRIBER", ("auto", "openai", "local"), "auto")
+        if transcriber == "auto":
+            transcriber = "openai" if api_key else "local"
+        if transcriber == "openai" and not api_key:
+            raise SettingsError("VRAI_TRANSCRIBER=openai needs OPENAI_API_KEY to be set")
+        return cls(
+            host=reader.text("HOST") or cls.host,
+            port=reader.integer("PORT", cls.port, minimum=0, maximum=65535),
+            log_level=reader.choice(
+                "VRAI_LOG_LEVEL", ("debug", "info", "warning", "error"), cls.log_level
+            ),
+            max_window_seconds=reader.number(
+                "VRAI_MAX_WINDOW_SECONDS", cls.max_window_seconds, minimum=1
+            ),
+            max_body_bytes=reader.integer("VRAI_MAX_BODY_BYTES", cls.max_body_bytes, minimum=1),
+            idle_timeout_seconds=reader.number(
+                "VRAI_IDLE_TIMEOUT_SECONDS", cls.idle_timeout_seconds, minimum=0.1
+            ),
+            max_jobs=reader.integer("VRAI_MAX_JOBS", cls.max_jobs, minimum=1),
+            max_queue=reader.integer("VRAI_MAX_QUEUE", cls.max_queue, minimum=0),
+            queue_timeout_seconds=reader.number(
+                "VRAI_QUEUE_TIMEOUT_SECONDS", cls.queue_timeout_seconds, minimum=0
+            ),
+            retry_after_seconds=reader.integer(
+                "VRAI_RETRY_AFTER_SECONDS", cls.retry_after_seconds, minimum=1
+            ),
+            ffmpeg=reader.text("VRAI_FFMPEG"),
+            mp3_bitrate_kbps=reader.choice_int(
+                "VRAI_MP3_BITRATE_KBPS",
+                (8, 16, 24, 32, 40, 48, 64, 80, 96, 112, 128, 144, 160),
+                cls.mp3_bitrate_kbps,
+            ),
+            ffmpeg_timeout_seconds=reader.number(
+                "VRAI_FFMPEG_TIMEOUT_SECONDS", cls.ffmpeg_timeout_seconds, minimum=1
+            ),
+            spool_memory_bytes=reader.integer(
+                "VRAI_SPOOL_MEMORY_BYTES", cls.spool_memory_bytes, minimum=0
+            ),
+            spool_memory_total_bytes=reader.integer(
+                "VRAI_SPOOL_MEMORY_TOTAL_BYTES", cls.spool_memory_total_bytes, minimum=0
+            ),
+            tmp_dir=reader.path("VRAI_TMP_DIR") or Path(tempfile.gettempdir()),
+            transcriber=cast(TranscriberKind, transcriber),
+            openai_api_key=Secret(api_key) if api_key else None,
+            openai_base_url=reader.text("OPENAI_BASE_URL"),
+            openai_model=reader.text("VRAI_OPENAI_MODEL") or cls.openai_model,
+            openai_timeout_seconds=reader.number(
+                "VRAI_OPENAI_TIMEOUT_SECONDS", cls.openai_timeout_seconds, minimum=0.1
+            ),
+            openai_max_retries=reader.integer(
+                "VRAI_OPENAI_MAX_RETRIES", cls.openai_max_retries, minimum=0, maximum=10
+            ),
+            whisper_model=reader.text("VRAI_WHISPER_MODEL"),
+            whisper_concurrency=reader.integer(
+                "VRAI_WHISPER_CONCURRENCY", cls.whisper_concurrency, minimum=1
+            ),
+            whisper_cpu_threads=reader.integer(
+                "VRAI_WHISPER_CPU_THREADS", cls.whisper_cpu_threads, minimum=0
+            ),
+            whisper_beam_size=reader.integer(
+                "VRAI_WHISPER_BEAM_SIZE", cls.whisper_beam_size, minimum=1, maximum=10
+            ),
+        )
+
+
+class _Reader:
+    """Parses one variable at a time, naming it in every error."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self._env = env
+
+    def text(self, name: str) -> str | None:
+        value = self._env.get(name, "").strip()
+        return value or None
+
+    def integer(
+        self, name: str, default: int, *, minimum: int | None = None, maximum: int | None = None
+    ) -> int:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw.replace("_", ""))
+        except ValueError:
+            raise SettingsError(f"{name} must be a whole number, got {raw!r}") from None
+        return self._bounded(name, value, minimum, maximum)
+
+    def number(
+        self,
+        name: str,
+        default: float,
+        *,
+        minimum: float | None = None,
+        maximum: float | None = None,
+    ) -> float:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise SettingsError(f"{name} must be a finite number, got {raw!r}")
+        return self._bounded(name, value, minimum, maximum)
+
+    def choice(self, name: str, choices: tuple[_Choice, ...], default: _Choice) -> _Choice:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        for choice in choices:
+            if raw.lower() == choice:
+                return choice
+        raise SettingsError(f"{name} must be one of {', '.join(choices)}; got {raw!r}")
+
+    def choice_int(self, name: str, choices: tuple[int, ...], default: int) -> int:
+        value = self.integer(name, default)
+        if value not in choices:
+            allowed = ", ".join(str(choice) for choice in choices)
+            raise SettingsError(f"{name} must be one of {allowed}; got {value}")
+        return value
+
+    def path(self, name: str) -> Path | None:
+        raw = self.text(name)
+        return Path(raw).expanduser() if raw else None
+
+    @staticmethod
+    def _bounded(
+        name: str, value: _Number, minimum: _Number | None, maximum: _Number | None
+    ) -> _Number:
+        if minimum is not None and value < minimum:
+            raise SettingsError(f"{name} must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise SettingsError(f"{name} must be at most {maximum}, got {value}")
+        return value

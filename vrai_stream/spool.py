@@ -1,0 +1,134 @@
+"""Spools: bytes held in memory up to a cap, then in a temp file, never unbounded.
+
+Each spool has its own cap, and all spools together draw from one `MemoryBudget`, so
+the memory held by spools stays bounded however many jobs run at once.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import tempfile
+from pathlib import Path
+from types import TracebackType
+from typing import IO
+
+from .errors import DiskFull
+
+TEMP_PREFIX = "vrai-"
+"""Every temp file the service creates starts with this, so leftovers are recognizable."""
+
+logger = logging.getLogger("vrai_stream.spool")
+
+
+class MemoryBudget:
+    """The bytes that all in-memory spools may hold together."""
+
+    def __init__(self, total_bytes: int) -> None:
+        self.total_bytes = total_bytes
+        self.reserved_bytes = 0
+
+    def try_reserve(self, nbytes: int) -> bool:
+        if self.reserved_bytes + nbytes > self.total_bytes:
+            return False
+        self.reserved_bytes += nbytes
+        return True
+
+    def release(self, nbytes: int) -> None:
+        self.reserved_bytes -= nbytes
+
+
+class Spool:
+    """A write-then-read byte store that rolls over to disk at its cap or the budget's.
+
+    Writes are synchronous: they land in memory or the page cache and take microseconds.
+    """
+
+    def __init__(self, *, memory_cap: int, budget: MemoryBudget, tmp_dir: Path) -> None:
+        self._memory_cap = memory_cap
+        self._budget = budget
+        # Rollover is ours to decide (max_size=0 turns off the automatic one).
+        self._file = tempfile.SpooledTemporaryFile(  # noqa: SIM115 - closed by close()
+            max_size=0, mode="w+b", dir=str(tmp_dir), prefix=TEMP_PREFIX, suffix=".spool"
+        )
+        self._reserved = 0
+        self.size = 0
+        self.on_disk = False
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        if not self.on_disk and not self._reserve(len(data)):
+            self._roll_over()
+        try:
+            self._file.write(data)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull("The server ran out of disk space while spooling audio") from exc
+            raise
+        self.size += len(data)
+
+    def _reserve(self, nbytes: int) -> bool:
+        if self._reserved + nbytes > self._memory_cap:
+            return False
+        if not self._budget.try_reserve(nbytes):
+            return False
+        self._reserved += nbytes
+        return True
+
+    def _roll_over(self) -> None:
+        try:
+            self._file.rollover()
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull("The server ran out of disk space while spooling audio") from exc
+            raise
+        self.on_disk = True
+        self._release()
+
+    def _release(self) -> None:
+        self._budget.release(self._reserved)
+        self._reserved = 0
+
+    def reader(self) -> IO[bytes]:
+        """Rewind and hand out the underlying file for reading; the spool still owns it."""
+        self._file.seek(0)
+        return self._file
+
+    def read_all(self) -> bytes:
+        return self.reader().read()
+
+    def close(self) -> None:
+        """Free the memory and delete the temp file; safe to call twice."""
+        if self.closed:
+            return
+        self.closed = True
+        self._release()
+        try:
+            self._file.close()
+        except OSError:
+            logger.warning("could not delete a spool file", exc_info=True)
+
+    def __enter__(self) -> Spool:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def usable_tmp_dir(preferred: Path) -> Path:
+    """`preferred` if the service can write there, else the system's temp folder."""
+    try:
+        with tempfile.TemporaryFile(dir=preferred, prefix=TEMP_PREFIX):
+            return preferred
+    except OSError as exc:
+        fallback = Path(tempfile.gettempdir())
+        logger.warning(
+            "temp folder is not writable; using the system's",
+            extra={"tmpDir": str(preferred), "fallback": str(fallback), "error": exc.strerror},
+        )
+        return fallback

@@ -1,0 +1,66 @@
+"""Transcription through the `openai` SDK, against OpenAI or any compatible base URL."""
+
+from __future__ import annotations
+
+import openai
+from openai.types.audio import TranscriptionVerbose
+
+from .. import errors
+from ..settings import Settings
+from . import Audio, Segment, Transcript
+
+
+class OpenAITranscriber:
+    name = "openai"
+
+    def __init__(self, settings: Settings) -> None:
+        self._model = settings.openai_model
+        self._client = openai.AsyncOpenAI(
+            api_key=settings.openai_api_key,
+            base_url=settings.openai_base_url,
+            timeout=settings.openai_timeout_seconds,
+            max_retries=settings.openai_max_retries,
+        )
+
+    async def transcribe(self, audio: Audio) -> Transcript:
+        options = audio.options
+        try:
+            result = await self._client.audio.transcriptions.create(
+                model=self._model,
+                file=(audio.filename, audio.file, "audio/mpeg"),
+                response_format="verbose_json",
+                language=options.language or openai.omit,
+                prompt=options.prompt or openai.omit,
+                temperature=openai.omit if options.temperature is None else options.temperature,
+            )
+        except openai.APITimeoutError:
+            raise errors.TranscriptionTimeout(
+                "The transcription service did not answer in time"
+            ) from None
+        except openai.APIStatusError as exc:
+            raise errors.TranscriptionFailed(
+                f"The transcription service answered {exc.status_code}"
+            ) from None
+        except openai.APIConnectionError:
+            raise errors.TranscriptionFailed(
+                "The transcription service could not be reached"
+            ) from None
+        except openai.APIResponseValidationError:
+            raise errors.TranscriptionFailed(
+                "The transcription service sent an answer that could not be read"
+            ) from None
+        return _to_transcript(result)
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+
+def _to_transcript(result: object) -> Transcript:
+    if isinstance(result, TranscriptionVerbose):
+        segments = tuple(
+            Segment(start=segment.start, end=segment.end, text=segment.text.strip())
+            for segment in result.segments or ()
+        )
+        return Transcript(text=result.text.strip(), language=result.language, segments=segments)
+    text = getattr(result, "text", result)
+    return Transcript(text=str(text).strip())
