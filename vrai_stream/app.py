@@ -26,7 +26,7 @@ from .ingest import check_declared_length, parse_window
 from .pipeline import JobResult, JobSpec, Pipeline
 from .responses import error_response, success_response
 from .settings import Settings
-from .spool import MemoryBudget, usable_tmp_dir
+from .spool import Budget, usable_tmp_dir
 from .telemetry import log_request
 from .transcode import find_ffmpeg
 from .transcribers import Transcriber, create_transcriber
@@ -58,7 +58,8 @@ class Services:
             pipeline=Pipeline(
                 settings,
                 ffmpeg=ffmpeg,
-                budget=MemoryBudget(settings.spool_memory_total_bytes),
+                memory=Budget(settings.spool_memory_total_bytes),
+                disk=Budget(settings.spool_disk_total_bytes),
                 transcriber=transcriber.get,
                 tmp_dir=usable_tmp_dir(settings.tmp_dir),
             ),

@@ -17,7 +17,7 @@ import anyio
 from . import errors
 from .ingest import BodyMeter, limited
 from .settings import Settings
-from .spool import MemoryBudget, Spool
+from .spool import Budget, Spool
 from .transcode import Window, build_command, explain_failure, mp3_duration, run_ffmpeg
 from .transcribers import Audio, TranscribeOptions, Transcriber, Transcript
 
@@ -81,13 +81,15 @@ class Pipeline:
         settings: Settings,
         *,
         ffmpeg: str,
-        budget: MemoryBudget,
+        memory: Budget,
+        disk: Budget,
         transcriber: TranscriberSource,
         tmp_dir: Path,
     ) -> None:
         self._settings = settings
         self._ffmpeg = ffmpeg
-        self._budget = budget
+        self._memory = memory
+        self._disk = disk
         self._transcriber = transcriber
         self._tmp_dir = tmp_dir
 
@@ -113,9 +115,7 @@ class Pipeline:
         )
         command = build_command(self._ffmpeg, spec.window, settings.mp3_bitrate_kbps)
         failure: errors.ServiceError | None = None
-        output = Spool(
-            memory_cap=settings.spool_memory_bytes, budget=self._budget, tmp_dir=self._tmp_dir
-        )
+        output = self.new_spool()
         with output:
             async with (
                 run_ffmpeg(
@@ -160,6 +160,14 @@ class Pipeline:
         result.timings.after_last_byte = finished - (meter.last_byte_at or finished)
         if failure is not None:
             raise failure
+
+    def new_spool(self) -> Spool:
+        return Spool(
+            memory_cap=self._settings.spool_memory_bytes,
+            memory=self._memory,
+            disk=self._disk,
+            tmp_dir=self._tmp_dir,
+        )
 
     async def _transcribe(self, spec: JobSpec, output: Spool, result: JobResult) -> Transcript:
         transcriber = await self._transcriber()

@@ -57,6 +57,7 @@ class Settings:
     ffmpeg_timeout_seconds: float = 120.0
     spool_memory_bytes: int = 2 * MiB
     spool_memory_total_bytes: int = 32 * MiB
+    spool_disk_total_bytes: int | None = None
     tmp_dir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()))
 
     # Transcription
@@ -118,6 +119,8 @@ class Settings:
             spool_memory_total_bytes=reader.integer(
                 "VRAI_SPOOL_MEMORY_TOTAL_BYTES", cls.spool_memory_total_bytes, minimum=0
             ),
+            spool_disk_total_bytes=reader.integer("VRAI_SPOOL_DISK_TOTAL_BYTES", 0, minimum=0)
+            or None,
             tmp_dir=reader.path("VRAI_TMP_DIR") or Path(tempfile.gettempdir()),
             transcriber=cast(TranscriberKind, transcriber),
             openai_api_key=Secret(api_key) if api_key else None,

@@ -1,7 +1,7 @@
 """Spools: bytes held in memory up to a cap, then in a temp file, never unbounded.
 
-Each spool has its own cap, and all spools together draw from one `MemoryBudget`, so
-the memory held by spools stays bounded however many jobs run at once.
+Each spool has its own memory cap, and all spools together draw from one memory `Budget`
+and one disk `Budget`, so what spools hold stays bounded however many jobs run at once.
 """
 
 from __future__ import annotations
@@ -21,15 +21,15 @@ TEMP_PREFIX = "vrai-"
 logger = logging.getLogger("vrai_stream.spool")
 
 
-class MemoryBudget:
-    """The bytes that all in-memory spools may hold together."""
+class Budget:
+    """Bytes that all spools may hold together, in memory or on disk; None is no limit."""
 
-    def __init__(self, total_bytes: int) -> None:
+    def __init__(self, total_bytes: int | None) -> None:
         self.total_bytes = total_bytes
         self.reserved_bytes = 0
 
     def try_reserve(self, nbytes: int) -> bool:
-        if self.reserved_bytes + nbytes > self.total_bytes:
+        if self.total_bytes is not None and self.reserved_bytes + nbytes > self.total_bytes:
             return False
         self.reserved_bytes += nbytes
         return True
@@ -44,14 +44,16 @@ class Spool:
     Writes are synchronous: they land in memory or the page cache and take microseconds.
     """
 
-    def __init__(self, *, memory_cap: int, budget: MemoryBudget, tmp_dir: Path) -> None:
+    def __init__(self, *, memory_cap: int, memory: Budget, disk: Budget, tmp_dir: Path) -> None:
         self._memory_cap = memory_cap
-        self._budget = budget
+        self._memory = memory
+        self._disk = disk
         # Rollover is ours to decide (max_size=0 turns off the automatic one).
         self._file = tempfile.SpooledTemporaryFile(  # noqa: SIM115 - closed by close()
             max_size=0, mode="w+b", dir=str(tmp_dir), prefix=TEMP_PREFIX, suffix=".spool"
         )
         self._reserved = 0
+        self._on_disk_bytes = 0
         self.size = 0
         self.on_disk = False
         self.closed = False
@@ -59,34 +61,42 @@ class Spool:
     def write(self, data: bytes) -> None:
         if not self.on_disk and not self._reserve(len(data)):
             self._roll_over()
+        if self.on_disk:
+            self._claim_disk(len(data))
         try:
             self._file.write(data)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise DiskFull("The server ran out of disk space while spooling audio") from exc
+                raise _disk_full() from exc
             raise
         self.size += len(data)
+
+    def _claim_disk(self, nbytes: int) -> None:
+        if not self._disk.try_reserve(nbytes):
+            raise _disk_full()
+        self._on_disk_bytes += nbytes
 
     def _reserve(self, nbytes: int) -> bool:
         if self._reserved + nbytes > self._memory_cap:
             return False
-        if not self._budget.try_reserve(nbytes):
+        if not self._memory.try_reserve(nbytes):
             return False
         self._reserved += nbytes
         return True
 
     def _roll_over(self) -> None:
+        self._claim_disk(self.size)
         try:
             self._file.rollover()
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise DiskFull("The server ran out of disk space while spooling audio") from exc
+                raise _disk_full() from exc
             raise
         self.on_disk = True
-        self._release()
+        self._release_memory()
 
-    def _release(self) -> None:
-        self._budget.release(self._reserved)
+    def _release_memory(self) -> None:
+        self._memory.release(self._reserved)
         self._reserved = 0
 
     def reader(self) -> IO[bytes]:
@@ -102,7 +112,9 @@ class Spool:
         if self.closed:
             return
         self.closed = True
-        self._release()
+        self._release_memory()
+        self._disk.release(self._on_disk_bytes)
+        self._on_disk_bytes = 0
         try:
             self._file.close()
         except OSError:
@@ -118,6 +130,10 @@ class Spool:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _disk_full() -> DiskFull:
+    return DiskFull("The server ran out of disk space for spooling audio; retry later")
 
 
 def usable_tmp_dir(preferred: Path) -> Path:

@@ -1,0 +1,176 @@
+"""Test helpers: a real server process on loopback, real speech, real uploads."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+FFMPEG = shutil.which("ffmpeg") or "ffmpeg"
+ESPEAK = shutil.which("espeak-ng") or "espeak-ng"
+
+SENTENCE = "The quick brown fox jumps over the lazy dog."
+"""Spoken in the basic fixture; the words a transcript must contain are below."""
+SENTENCE_WORDS = ("quick", "brown", "fox", "lazy", "dog")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Server:
+    """A `vrai-stream serve` process of its own, with its own temp folder and log."""
+
+    url: str
+    process: subprocess.Popen[bytes]
+    tmp_dir: Path
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    def children(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def temp_files(self) -> list[Path]:
+        return sorted(self.tmp_dir.iterdir())
+
+    def logs(self) -> list[dict[str, Any]]:
+        entries = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return entries
+
+    def request_logs(self) -> list[dict[str, Any]]:
+        return [entry["request"] for entry in self.logs() if "request" in entry]
+
+    def wait_idle(self, timeout: float = 10.0) -> None:
+        """Wait until no ffmpeg runs and no temp file is left, or fail saying which."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.children() and not self.temp_files():
+                return
+            time.sleep(0.05)
+        assert self.children() == [], "ffmpeg (or another child) outlived its request"
+        assert self.temp_files() == [], "a temp file outlived its request"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_server(base_dir: Path, env: dict[str, str] | None = None) -> Server:
+    base_dir.mkdir(parents=True, exist_ok=True)
+    tmp_dir = base_dir / "spool"
+    tmp_dir.mkdir(exist_ok=True)
+    port = free_port()
+    server_env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("VRAI_", "OPENAI_", "AWS_")) and key not in ("BUCKET_NAME",)
+    }
+    server_env.update(
+        {
+            "HF_HUB_OFFLINE": "1",
+            "VRAI_TRANSCRIBER": "local",
+            "VRAI_TMP_DIR": str(tmp_dir),
+            "VRAI_DEBUG_STORE": "off",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    server_env.update(env or {})
+    log_path = base_dir / "server.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "vrai_stream.cli", "serve", "--port", str(port)],
+            env=server_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    server = Server(
+        url=f"http://127.0.0.1:{port}",
+        process=process,
+        tmp_dir=tmp_dir,
+        log_path=log_path,
+        env=server_env,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited at start-up:\n{log_path.read_text()}")
+        try:
+            if httpx.get(f"{server.url}/health", timeout=1).status_code == 200:
+                return server
+        except httpx.TransportError:
+            time.sleep(0.05)
+    server.stop()
+    raise RuntimeError(f"server did not answer /health:\n{log_path.read_text()}")
+
+
+def run_ffmpeg(*args: str) -> None:
+    subprocess.run(
+        [FFMPEG, "-hide_banner", "-loglevel", "error", "-y", *args], check=True, timeout=120
+    )
+
+
+def speak(text: str, path: Path) -> Path:
+    """A WAV of `text` spoken by espeak-ng (22.05 kHz mono)."""
+    subprocess.run([ESPEAK, "-w", str(path), text], check=True, timeout=60)
+    return path
+
+
+def decoded_seconds(data: bytes, tmp_path: Path) -> float:
+    """The length of audio in `data`, as ffprobe decodes it."""
+    path = tmp_path / "decoded.mp3"
+    path.write_bytes(data)
+    probe = subprocess.run(
+        [
+            shutil.which("ffprobe") or "ffprobe",
+            "-v", "error", "-show_entries", "format=duration",
+            "-of", "default=noprint_wrappers=1:nokey=1", str(path),
+        ],
+        check=True, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    return float(probe.stdout.strip())
+
+
+async def chunked(
+    data: bytes, *, chunk_size: int = 64 * 1024, delay: float = 0.0
+) -> AsyncIterator[bytes]:
+    """`data` as a chunked request body (an async generator makes httpx send it chunked)."""
+    import anyio
+
+    for offset in range(0, len(data), chunk_size):
+        if delay:
+            await anyio.sleep(delay)
+        yield data[offset : offset + chunk_size]
+
+
+def has_words(text: str, words: tuple[str, ...], *, at_least: int | None = None) -> bool:
+    lowered = text.lower()
+    found = sum(word in lowered for word in words)
+    return found >= (len(words) if at_least is None else at_least)
