@@ -7,7 +7,9 @@ Whatever happens, the job's process and files are gone when `run` returns or rai
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,9 +18,17 @@ import anyio
 
 from . import errors
 from .ingest import BodyMeter, limited
+from .layout import SNIFF_LIMIT_BYTES, Layout, Mode, sniff
 from .settings import Settings
-from .spool import Budget, Spool
-from .transcode import Window, build_command, explain_failure, mp3_duration, run_ffmpeg
+from .spool import Budget, FileSpool, Spool
+from .transcode import (
+    FfmpegJob,
+    Window,
+    build_command,
+    explain_failure,
+    mp3_duration,
+    run_ffmpeg,
+)
 from .transcribers import Audio, TranscribeOptions, Transcriber, Transcript
 
 TranscriberSource = Callable[[], Awaitable[Transcriber]]
@@ -59,12 +69,15 @@ class JobResult:
     mp3_size: int = 0
     duration: float = 0.0
     output_on_disk: bool = False
+    layout: Layout | None = None
     transcript: Transcript | None = None
     mp3: bytes | None = None
     timings: Timings = field(default_factory=Timings)
 
     def log_fields(self) -> dict[str, Any]:
         return {
+            "format": self.layout.container if self.layout else None,
+            "mode": self.layout.mode.value if self.layout else None,
             "inputSize": self.input_size,
             "fileSize": self.mp3_size,
             "duration": self.duration,
@@ -113,45 +126,32 @@ class Pipeline:
             idle_timeout=settings.idle_timeout_seconds,
             meter=meter,
         )
-        command = build_command(self._ffmpeg, spec.window, settings.mp3_bitrate_kbps)
+        head, layout = await _read_head(body)
+        result.layout = layout
         failure: errors.ServiceError | None = None
-        output = self.new_spool()
-        with output:
-            async with (
-                run_ffmpeg(
-                    command, output, timeout_after_input=settings.ffmpeg_timeout_seconds
-                ) as ffmpeg,
-                anyio.create_task_group() as group,
-            ):
-
-                async def pump() -> None:
-                    async for chunk in body:
-                        await ffmpeg.feed(chunk)
-                    await ffmpeg.finish_input()
-
-                group.start_soon(pump)
-                outcome = await ffmpeg.wait()
-                result.timings.transcode = outcome.seconds
-                result.output_on_disk = output.on_disk
-                if outcome.returncode != 0:
-                    failure = explain_failure(outcome)
+        with self.new_spool() as output, contextlib.ExitStack() as cleanup:
+            async with anyio.create_task_group() as group:
+                if layout.mode is Mode.STREAM:
+                    command = self._command(spec)
+                    async with self._ffmpeg_run(command, output) as ffmpeg:
+                        group.start_soon(_pump, head, body, ffmpeg.feed, ffmpeg.finish_input)
+                        failure = await self._finish(spec, ffmpeg, output, result)
                 else:
-                    mp3 = output.read_all()
-                    result.mp3_size = len(mp3)
-                    result.duration = mp3_duration(mp3)
-                    if result.duration <= 0:
-                        failure = errors.NoAudioInWindow(
-                            f"The recording has no audio between {spec.window.start:g} s "
-                            f"and {spec.window.end:g} s"
-                        )
-                    elif spec.want_mp3:
-                        result.mp3 = mp3
-                    else:
-                        del mp3
-                        try:
-                            result.transcript = await self._transcribe(spec, output, result)
-                        except errors.ServiceError as exc:
-                            failure = exc
+                    # ffmpeg must seek in this layout: the body goes to disk first.
+                    source = cleanup.enter_context(
+                        FileSpool(disk=self._disk, tmp_dir=self._tmp_dir, suffix=".input")
+                    )
+
+                    async def write(chunk: bytes) -> None:
+                        source.write(chunk)
+
+                    async def finish() -> None:
+                        source.finish()
+
+                    await _pump(head, body, write, finish)
+                    command = self._command(spec, input_path=source.path)
+                    async with self._ffmpeg_run(command, output, feeds_stdin=False) as ffmpeg:
+                        failure = await self._finish(spec, ffmpeg, output, result)
             # Leaving the task group means the body has been read to its last byte.
         result.input_size = meter.size
         finished = anyio.current_time()
@@ -160,6 +160,48 @@ class Pipeline:
         result.timings.after_last_byte = finished - (meter.last_byte_at or finished)
         if failure is not None:
             raise failure
+
+    def _command(self, spec: JobSpec, input_path: Path | None = None) -> list[str]:
+        return build_command(
+            self._ffmpeg, spec.window, self._settings.mp3_bitrate_kbps, input_path=input_path
+        )
+
+    def _ffmpeg_run(
+        self, command: list[str], output: Spool, *, feeds_stdin: bool = True
+    ) -> AbstractAsyncContextManager[FfmpegJob]:
+        return run_ffmpeg(
+            command,
+            output,
+            timeout_after_input=self._settings.ffmpeg_timeout_seconds,
+            feeds_stdin=feeds_stdin,
+        )
+
+    async def _finish(
+        self, spec: JobSpec, ffmpeg: FfmpegJob, output: Spool, result: JobResult
+    ) -> errors.ServiceError | None:
+        """Wait for ffmpeg, then transcribe its MP3 (or keep it); return what went wrong."""
+        outcome = await ffmpeg.wait()
+        result.timings.transcode = outcome.seconds
+        result.output_on_disk = output.on_disk
+        if outcome.returncode != 0:
+            return explain_failure(outcome)
+        mp3 = output.read_all()
+        result.mp3_size = len(mp3)
+        result.duration = mp3_duration(mp3)
+        if result.duration <= 0:
+            return errors.NoAudioInWindow(
+                f"The recording has no audio between {spec.window.start:g} s "
+                f"and {spec.window.end:g} s"
+            )
+        if spec.want_mp3:
+            result.mp3 = mp3
+            return None
+        del mp3
+        try:
+            result.transcript = await self._transcribe(spec, output, result)
+        except errors.ServiceError as exc:
+            return exc
+        return None
 
     def new_spool(self) -> Spool:
         return Spool(
@@ -178,6 +220,37 @@ class Pipeline:
             )
         finally:
             result.timings.transcribe = anyio.current_time() - began
+
+
+async def _read_head(body: AsyncIterator[bytes]) -> tuple[list[bytes], Layout]:
+    """Read just enough of the body to tell its layout; return those chunks too."""
+    chunks: list[bytes] = []
+    head = bytearray()
+    next_look = 16
+    async for chunk in body:
+        chunks.append(chunk)
+        head += chunk
+        # Look again only when the head has doubled: hostile one-byte chunks stay linear.
+        if len(head) >= next_look or len(head) >= SNIFF_LIMIT_BYTES:
+            layout = sniff(bytes(head), complete=len(head) >= SNIFF_LIMIT_BYTES)
+            if layout is not None:
+                return chunks, layout
+            next_look = len(head) * 2
+    return chunks, sniff(bytes(head), complete=True) or Layout("unknown", Mode.STREAM)
+
+
+async def _pump(
+    head: list[bytes],
+    rest: AsyncIterator[bytes],
+    write: Callable[[bytes], Awaitable[None]],
+    finish: Callable[[], Awaitable[None]],
+) -> None:
+    """Send the sniffed head, then the rest of the body as it arrives, then the end."""
+    for chunk in head:
+        await write(chunk)
+    async for chunk in rest:
+        await write(chunk)
+    await finish()
 
 
 def _first_service_error(group: BaseExceptionGroup[BaseException]) -> errors.ServiceError | None:

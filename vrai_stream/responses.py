@@ -23,6 +23,8 @@ def success_body(result: JobResult) -> dict[str, Any]:
         "toTime": spec.window.end,
         "fileSize": result.mp3_size,
         "inputSize": result.input_size,
+        "format": result.layout.container if result.layout else None,
+        "mode": result.layout.mode.value if result.layout else None,
         "timings": result.timings.as_dict(),
     }
 

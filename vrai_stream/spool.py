@@ -132,6 +132,60 @@ class Spool:
         self.close()
 
 
+class FileSpool:
+    """An upload kept on disk under a name, for ffmpeg to read with seeks (SEEKABLE mode)."""
+
+    def __init__(self, *, disk: Budget, tmp_dir: Path, suffix: str = ".input") -> None:
+        self._disk = disk
+        self._file = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed by close()
+            mode="wb", dir=tmp_dir, prefix=TEMP_PREFIX, suffix=suffix
+        )
+        self.path = Path(self._file.name)
+        self.size = 0
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        if not self._disk.try_reserve(len(data)):
+            raise _disk_full()
+        self.size += len(data)
+        try:
+            self._file.write(data)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise _disk_full() from exc
+            raise
+
+    def finish(self) -> None:
+        """Flush, so ffmpeg reading the file by name sees every byte."""
+        try:
+            self._file.flush()
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise _disk_full() from exc
+            raise
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._disk.release(self.size)
+        try:
+            self._file.close()
+        except OSError:
+            logger.warning("could not delete an input spool file", exc_info=True)
+
+    def __enter__(self) -> FileSpool:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
 def _disk_full() -> DiskFull:
     return DiskFull("The server ran out of disk space for spooling audio; retry later")
 

@@ -1,0 +1,168 @@
+"""Container sniffing: can ffmpeg read this upload from a pipe, or must it seek?
+
+Only the bytes decide, never a Content-Type or a file name.  Two layouts that iPhones
+write cannot be read from a pipe: MP4/M4A with the `moov` index after the audio (`mdat`),
+and CAF whose packet table (`pakt`) follows the audio (`data`) when packets vary in size.
+Those go to disk first (SEEKABLE); everything else streams into ffmpeg as it arrives.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+SNIFF_LIMIT_BYTES = 256 * 1024
+"""Bytes to look at before deciding; an MP4 still undecided by then is treated as seekable."""
+
+
+class Mode(enum.Enum):
+    STREAM = "stream"
+    SEEKABLE = "seekable"
+
+
+@dataclass(frozen=True)
+class Layout:
+    container: str
+    """A short name for logs, metrics and the response: caf, mp4, wav, mp3, ogg, ..."""
+    mode: Mode
+    detail: str = ""
+    """Why this mode, for logs: e.g. `moov after mdat`."""
+
+    @property
+    def extension(self) -> str:
+        return _EXTENSIONS.get(self.container, "bin")
+
+    @property
+    def content_type(self) -> str:
+        return _CONTENT_TYPES.get(self.container, "application/octet-stream")
+
+
+_EXTENSIONS = {
+    "caf": "caf",
+    "mp4": "m4a",
+    "3gp": "3gp",
+    "mov": "mov",
+    "wav": "wav",
+    "mp3": "mp3",
+    "ogg": "ogg",
+    "webm": "webm",
+    "flac": "flac",
+    "amr": "amr",
+    "aac": "aac",
+    "aiff": "aiff",
+}
+_CONTENT_TYPES = {
+    "caf": "audio/x-caf",
+    "mp4": "audio/mp4",
+    "3gp": "audio/3gpp",
+    "mov": "video/quicktime",
+    "wav": "audio/wav",
+    "mp3": "audio/mpeg",
+    "ogg": "audio/ogg",
+    "webm": "audio/webm",
+    "flac": "audio/flac",
+    "amr": "audio/amr",
+    "aac": "audio/aac",
+    "aiff": "audio/aiff",
+}
+
+
+def sniff(head: bytes, *, complete: bool) -> Layout | None:
+    """Decide from the first bytes of an upload; None means: show me more bytes.
+
+    `complete` says no more bytes will come (the body ended or the sniff limit was hit),
+    so an answer is required.
+    """
+    if len(head) < 12 and not complete:
+        return None
+    if head[:4] == b"caff":
+        return _sniff_caf(head, complete)
+    if head[4:8] == b"ftyp":
+        return _sniff_mp4(head, complete)
+    return Layout(_simple_container(head), Mode.STREAM)
+
+
+def _simple_container(head: bytes) -> str:
+    """Formats ffmpeg reads from a pipe whatever their layout: a name is all we need."""
+    if head[:4] in (b"RIFF", b"RF64") and head[8:12] == b"WAVE":
+        return "wav"
+    if head[:4] == b"OggS":
+        return "ogg"
+    if head[:4] == b"\x1a\x45\xdf\xa3":
+        return "webm"
+    if head[:4] == b"fLaC":
+        return "flac"
+    if head[:5] == b"#!AMR":
+        return "amr"
+    if head[:4] == b"FORM" and head[8:11] == b"AIF":
+        return "aiff"
+    if head[:3] == b"ID3":
+        return "mp3"
+    if len(head) >= 2 and head[0] == 0xFF:
+        if head[1] & 0xF6 == 0xF0:  # sync, layer 00: ADTS
+            return "aac"
+        if head[1] & 0xE0 == 0xE0:
+            return "mp3"
+    return "unknown"
+
+
+# CAF: "caff", version, flags; then chunks of (type, int64 size, data).
+_CAF_HEADER = 8
+_CAF_CHUNK_HEADER = 12
+
+
+def _sniff_caf(head: bytes, complete: bool) -> Layout | None:
+    offset = _CAF_HEADER
+    constant_packets: bool | None = None
+    while True:
+        if offset + _CAF_CHUNK_HEADER > len(head):
+            return _undecided("caf", complete, "chunk header beyond the sniffed bytes")
+        chunk_type = head[offset : offset + 4]
+        (size,) = struct.unpack(">q", head[offset + 4 : offset + 12])
+        body = offset + _CAF_CHUNK_HEADER
+        if chunk_type == b"desc":
+            if body + 32 > len(head):
+                return _undecided("caf", complete, "desc beyond the sniffed bytes")
+            bytes_per_packet, frames_per_packet = struct.unpack(">II", head[body + 16 : body + 24])
+            constant_packets = bytes_per_packet > 0 and frames_per_packet > 0
+        elif chunk_type == b"pakt":
+            return Layout("caf", Mode.STREAM, "packet table before the audio")
+        elif chunk_type == b"data":
+            if constant_packets:
+                return Layout("caf", Mode.STREAM, "constant packet size")
+            return Layout("caf", Mode.SEEKABLE, "packet table after the audio")
+        if size < 0:
+            return Layout("caf", Mode.STREAM, "chunk of unknown size")
+        offset = body + size
+
+
+# MP4/MOV/3GP: boxes of (uint32 size, type), size 1 = a 64-bit size follows, 0 = to the end.
+_MP4_BRANDS = {b"3gp": "3gp", b"3g2": "3gp", b"qt ": "mov"}
+
+
+def _sniff_mp4(head: bytes, complete: bool) -> Layout | None:
+    container = _MP4_BRANDS.get(head[8:11], "mp4")
+    offset = 0
+    while True:
+        if offset + 8 > len(head):
+            return _undecided(container, complete, "box header beyond the sniffed bytes")
+        size, box_type = struct.unpack(">I4s", head[offset : offset + 8])
+        if size == 1:
+            if offset + 16 > len(head):
+                return _undecided(container, complete, "box size beyond the sniffed bytes")
+            (size,) = struct.unpack(">Q", head[offset + 8 : offset + 16])
+        if box_type == b"moov":
+            return Layout(container, Mode.STREAM, "moov before mdat")
+        if box_type in (b"mdat", b"moof"):
+            return Layout(container, Mode.SEEKABLE, "moov after mdat")
+        if size == 0 or (size < 8 and size != 1):
+            return Layout(container, Mode.SEEKABLE, "malformed box; let ffmpeg seek")
+        offset += size
+
+
+def _undecided(container: str, complete: bool, detail: str) -> Layout | None:
+    """Not enough bytes yet: ask for more, or fall back to the mode that always works."""
+    if not complete:
+        return None
+    return Layout(container, Mode.SEEKABLE, detail)
