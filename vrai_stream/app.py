@@ -22,6 +22,7 @@ from starlette.routing import Route
 
 from . import errors
 from .admission import Admission
+from .debug_store import DebugStore, create_store
 from .ingest import check_declared_length, parse_window
 from .pipeline import JobResult, JobSpec, Pipeline
 from .responses import error_response, success_response
@@ -43,10 +44,12 @@ class Services:
     admission: Admission
     pipeline: Pipeline
     transcriber: Lazy[Transcriber]
+    debug: DebugStore
 
     @classmethod
     def create(cls, settings: Settings, ffmpeg: str) -> Services:
         transcriber: Lazy[Transcriber] = Lazy(lambda: create_transcriber(settings))
+        debug = create_store(settings)
         return cls(
             settings=settings,
             admission=Admission(
@@ -61,12 +64,15 @@ class Services:
                 memory=Budget(settings.spool_memory_total_bytes),
                 disk=Budget(settings.spool_disk_total_bytes),
                 transcriber=transcriber.get,
+                debug=debug,
                 tmp_dir=usable_tmp_dir(settings.tmp_dir),
             ),
             transcriber=transcriber,
+            debug=debug,
         )
 
     async def aclose(self) -> None:
+        await self.debug.aclose()
         if self.transcriber.ready:
             await (await self.transcriber.get()).aclose()
 
@@ -81,6 +87,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         app.state.services = services
         async with anyio.create_task_group() as background:
             background.start_soon(services.transcriber.warm_up, "transcriber")
+            services.debug.start(background)
             try:
                 yield
             finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import uuid
@@ -74,6 +75,8 @@ async def _transcribe(
     from .transcode import find_ffmpeg
 
     request_id = uuid.uuid4().hex
+    # A file on this machine needs no debug copy of itself.
+    settings = dataclasses.replace(settings, debug_store="off")
     services = Services.create(settings, find_ffmpeg(settings.ffmpeg))
     try:
         params = {"fromTime": str(from_time)}

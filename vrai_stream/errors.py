@@ -14,51 +14,63 @@ class ServiceError(Exception):
 
     status: int = 500
     code: str = "internal_error"
+    keeps_debug_copies: bool = True
+    """False where the upload was refused or cut short: there is nothing whole to keep."""
 
     def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.headers = headers or {}
+        self.debug_files: dict[str, str] | None = None
 
     def body(self, request_id: str) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "success": False,
             "status": self.status,
             "code": self.code,
             "message": self.message,
             "requestId": request_id,
         }
+        if self.debug_files:
+            body["debugFiles"] = self.debug_files
+        return body
 
 
-class InvalidParameters(ServiceError):
+class RefusedUpload(ServiceError):
+    """Refused before or while the body arrived: no whole upload to keep copies of."""
+
+    keeps_debug_copies = False
+
+
+class InvalidParameters(RefusedUpload):
     status, code = 400, "invalid_parameters"
 
 
-class InvalidWindow(ServiceError):
+class InvalidWindow(RefusedUpload):
     status, code = 400, "invalid_window"
 
 
-class EmptyBody(ServiceError):
+class EmptyBody(RefusedUpload):
     status, code = 400, "empty_body"
 
 
-class Unauthorized(ServiceError):
+class Unauthorized(RefusedUpload):
     status, code = 401, "unauthorized"
 
 
-class NotFound(ServiceError):
+class NotFound(RefusedUpload):
     status, code = 404, "not_found"
 
 
-class MethodNotAllowed(ServiceError):
+class MethodNotAllowed(RefusedUpload):
     status, code = 405, "method_not_allowed"
 
 
-class UploadTimeout(ServiceError):
+class UploadTimeout(RefusedUpload):
     status, code = 408, "upload_timeout"
 
 
-class BodyTooLarge(ServiceError):
+class BodyTooLarge(RefusedUpload):
     status, code = 413, "body_too_large"
 
 
@@ -78,7 +90,7 @@ class TranscodeTimeout(ServiceError):
     status, code = 422, "transcode_timeout"
 
 
-class ClientDisconnected(ServiceError):
+class ClientDisconnected(RefusedUpload):
     """The client went away; nobody reads this response, but logs and metrics do."""
 
     status, code = 499, "client_disconnected"
@@ -88,7 +100,7 @@ class TranscriptionFailed(ServiceError):
     status, code = 502, "transcription_failed"
 
 
-class Busy(ServiceError):
+class Busy(RefusedUpload):
     status, code = 503, "busy"
 
 
@@ -100,7 +112,7 @@ class TranscriptionTimeout(ServiceError):
     status, code = 504, "transcription_timeout"
 
 
-class DiskFull(ServiceError):
+class DiskFull(RefusedUpload):
     status, code = 507, "disk_full"
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import anyio
 
 from . import errors
+from .debug_store import ANONYMOUS, CopyContext, DebugCopies, DebugStore
 from .ingest import BodyMeter, limited
 from .layout import SNIFF_LIMIT_BYTES, Layout, Mode, sniff
 from .settings import Settings
@@ -38,6 +39,7 @@ TranscriberSource = Callable[[], Awaitable[Transcriber]]
 class JobSpec:
     request_id: str
     window: Window
+    user_id: str = ANONYMOUS
     want_mp3: bool = False
     options: TranscribeOptions = field(default_factory=TranscribeOptions)
 
@@ -97,6 +99,7 @@ class Pipeline:
         memory: Budget,
         disk: Budget,
         transcriber: TranscriberSource,
+        debug: DebugStore,
         tmp_dir: Path,
     ) -> None:
         self._settings = settings
@@ -104,19 +107,40 @@ class Pipeline:
         self._memory = memory
         self._disk = disk
         self._transcriber = transcriber
+        self._debug = debug
         self._tmp_dir = tmp_dir
 
     async def run(self, spec: JobSpec, chunks: AsyncIterator[bytes], result: JobResult) -> None:
         """Fill `result` as the job goes, so a failure still reports how far it got."""
+        copies = self._debug.begin(
+            CopyContext.now(spec.request_id, spec.user_id, spec.window.start, spec.window.end)
+        )
         try:
-            await self._run(spec, chunks, result)
-        except BaseExceptionGroup as group:
-            failure = _first_service_error(group)
-            if failure is None:
-                raise
-            raise failure from None
+            try:
+                await self._run(spec, chunks, result, copies)
+            except BaseExceptionGroup as group:
+                failure = _first_service_error(group)
+                if failure is None:
+                    raise
+                raise failure from None
+        except errors.ServiceError as failure:
+            if failure.keeps_debug_copies:
+                failure.debug_files = await copies.settle(failure.code)
+            else:
+                copies.abandon()
+            raise
+        except BaseException:
+            copies.abandon()
+            raise
+        await copies.settle(None)
 
-    async def _run(self, spec: JobSpec, chunks: AsyncIterator[bytes], result: JobResult) -> None:
+    async def _run(
+        self,
+        spec: JobSpec,
+        chunks: AsyncIterator[bytes],
+        result: JobResult,
+        copies: DebugCopies,
+    ) -> None:
         settings = self._settings
         started = anyio.current_time()
         meter = BodyMeter()
@@ -128,14 +152,17 @@ class Pipeline:
         )
         head, layout = await _read_head(body)
         result.layout = layout
+        copies.start_input(layout)
         failure: errors.ServiceError | None = None
         with self.new_spool() as output, contextlib.ExitStack() as cleanup:
             async with anyio.create_task_group() as group:
                 if layout.mode is Mode.STREAM:
                     command = self._command(spec)
                     async with self._ffmpeg_run(command, output) as ffmpeg:
-                        group.start_soon(_pump, head, body, ffmpeg.feed, ffmpeg.finish_input)
-                        failure = await self._finish(spec, ffmpeg, output, result)
+                        group.start_soon(
+                            _pump, head, body, ffmpeg.feed, ffmpeg.finish_input, copies
+                        )
+                        failure = await self._finish(spec, ffmpeg, output, result, copies)
                 else:
                     # ffmpeg must seek in this layout: the body goes to disk first.
                     source = cleanup.enter_context(
@@ -148,10 +175,10 @@ class Pipeline:
                     async def finish() -> None:
                         source.finish()
 
-                    await _pump(head, body, write, finish)
+                    await _pump(head, body, write, finish, copies)
                     command = self._command(spec, input_path=source.path)
                     async with self._ffmpeg_run(command, output, feeds_stdin=False) as ffmpeg:
-                        failure = await self._finish(spec, ffmpeg, output, result)
+                        failure = await self._finish(spec, ffmpeg, output, result, copies)
             # Leaving the task group means the body has been read to its last byte.
         result.input_size = meter.size
         finished = anyio.current_time()
@@ -177,7 +204,12 @@ class Pipeline:
         )
 
     async def _finish(
-        self, spec: JobSpec, ffmpeg: FfmpegJob, output: Spool, result: JobResult
+        self,
+        spec: JobSpec,
+        ffmpeg: FfmpegJob,
+        output: Spool,
+        result: JobResult,
+        copies: DebugCopies,
     ) -> errors.ServiceError | None:
         """Wait for ffmpeg, then transcribe its MP3 (or keep it); return what went wrong."""
         outcome = await ffmpeg.wait()
@@ -186,6 +218,7 @@ class Pipeline:
         if outcome.returncode != 0:
             return explain_failure(outcome)
         mp3 = output.read_all()
+        copies.add_output(mp3)
         result.mp3_size = len(mp3)
         result.duration = mp3_duration(mp3)
         if result.duration <= 0:
@@ -244,12 +277,19 @@ async def _pump(
     rest: AsyncIterator[bytes],
     write: Callable[[bytes], Awaitable[None]],
     finish: Callable[[], Awaitable[None]],
+    copies: DebugCopies,
 ) -> None:
-    """Send the sniffed head, then the rest of the body as it arrives, then the end."""
+    """Send the sniffed head, then the rest of the body as it arrives, then the end.
+
+    Every chunk is also offered to the debug copy, which takes it without waiting.
+    """
     for chunk in head:
+        copies.offer(chunk)
         await write(chunk)
     async for chunk in rest:
+        copies.offer(chunk)
         await write(chunk)
+    copies.end_input()
     await finish()
 
 

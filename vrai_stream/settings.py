@@ -72,6 +72,19 @@ class Settings:
     whisper_cpu_threads: int = 0
     whisper_beam_size: int = 1
 
+    # Debug copies
+    debug_store: DebugStoreKind = "dir"
+    debug_bucket: str | None = None
+    debug_prefix: str = ""
+    debug_dir: Path = Path("debug-copies")
+    debug_sample_rate: float = 1.0
+    debug_part_bytes: int = 5 * MiB
+    debug_buffer_bytes: int = 12 * MiB
+    debug_hold_bytes: int = 512 * MiB
+    debug_url_expiry_seconds: int = 86400
+    debug_settle_timeout_seconds: float = 5.0
+    debug_s3_timeout_seconds: float = 10.0
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Build settings from `env` (default: the process environment)."""
@@ -83,6 +96,16 @@ class Settings:
             transcriber = "openai" if api_key else "local"
         if transcriber == "openai" and not api_key:
             raise SettingsError("VRAI_TRANSCRIBER=openai needs OPENAI_API_KEY to be set")
+        bucket = reader.text("VRAI_DEBUG_BUCKET") or reader.text("BUCKET_NAME")
+        debug_store = reader.choice("VRAI_DEBUG_STORE", ("auto", "s3", "dir", "off"), "auto")
+        if debug_store == "auto":
+            debug_store = "s3" if bucket else "dir"
+        if debug_store == "s3" and not bucket:
+            raise SettingsError("VRAI_DEBUG_STORE=s3 needs VRAI_DEBUG_BUCKET (or BUCKET_NAME)")
+        part_bytes = reader.integer("VRAI_DEBUG_PART_BYTES", cls.debug_part_bytes, minimum=5 * MiB)
+        buffer_bytes = reader.integer(
+            "VRAI_DEBUG_BUFFER_BYTES", cls.debug_buffer_bytes, minimum=part_bytes
+        )
         return cls(
             host=reader.text("HOST") or cls.host,
             port=reader.integer("PORT", cls.port, minimum=0, maximum=65535),
@@ -142,7 +165,39 @@ class Settings:
             whisper_beam_size=reader.integer(
                 "VRAI_WHISPER_BEAM_SIZE", cls.whisper_beam_size, minimum=1, maximum=10
             ),
+            debug_store=cast(DebugStoreKind, debug_store),
+            debug_bucket=bucket,
+            debug_prefix=_prefix(reader.text("VRAI_DEBUG_PREFIX")),
+            debug_dir=reader.path("VRAI_DEBUG_DIR") or cls.debug_dir,
+            debug_sample_rate=reader.number(
+                "VRAI_DEBUG_SAMPLE_RATE", cls.debug_sample_rate, minimum=0, maximum=1
+            ),
+            debug_part_bytes=part_bytes,
+            debug_buffer_bytes=buffer_bytes,
+            debug_hold_bytes=reader.integer(
+                "VRAI_DEBUG_HOLD_BYTES", cls.debug_hold_bytes, minimum=0
+            ),
+            debug_url_expiry_seconds=reader.integer(
+                "VRAI_DEBUG_URL_EXPIRY_SECONDS",
+                cls.debug_url_expiry_seconds,
+                minimum=1,
+                maximum=7 * 24 * 3600,
+            ),
+            debug_settle_timeout_seconds=reader.number(
+                "VRAI_DEBUG_SETTLE_TIMEOUT_SECONDS", cls.debug_settle_timeout_seconds, minimum=0
+            ),
+            debug_s3_timeout_seconds=reader.number(
+                "VRAI_DEBUG_S3_TIMEOUT_SECONDS", cls.debug_s3_timeout_seconds, minimum=0.1
+            ),
         )
+
+
+def _prefix(raw: str | None) -> str:
+    """A key prefix ends with `/` (or is empty), and never starts with one."""
+    if not raw:
+        return ""
+    cleaned = raw.strip("/")
+    return f"{cleaned}/" if cleaned else ""
 
 
 class _Reader:

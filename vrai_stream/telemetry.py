@@ -44,7 +44,9 @@ def configure_logging(level: str) -> None:
         logger.handlers[:] = []
         logger.propagate = True
     # One line per request comes from the service itself; uvicorn's access log would repeat it.
-    logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    # The SDKs' own info lines (endpoint discovery, audio lengths) are noise at this level.
+    for name in ("uvicorn.access", "botocore", "aiobotocore", "faster_whisper", "httpx"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
 
 
 def log_request(fields: dict[str, Any]) -> None:

@@ -1,0 +1,460 @@
+"""Debug copies in S3 (aioboto3), uploaded while the audio streams.
+
+The input copy is teed from the body into a bounded buffer and uploaded as it fills: one
+PUT for a small body, multipart (one part in flight) for a large one.  If S3 falls behind
+by more than the buffer, the copy is abandoned and its multipart upload aborted; the job
+never waits for S3.  Endpoint and credentials come from the standard `AWS_*` variables.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import random
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import anyio
+import anyio.abc
+import anyio.to_thread
+
+from .. import metrics
+from ..layout import Layout
+from ..settings import Settings
+from ..spool import Budget, FileSpool
+from . import CopyContext, DebugCopies, Keys, metadata
+
+logger = logging.getLogger("vrai_stream.debug_store")
+
+ABORT_TIMEOUT_SECONDS = 10.0
+
+
+class S3Store:
+    kind = "s3"
+
+    def __init__(self, settings: Settings) -> None:
+        assert settings.debug_bucket is not None
+        self.bucket = settings.debug_bucket
+        self.prefix = settings.debug_prefix
+        self.part_bytes = settings.debug_part_bytes
+        self.buffer_bytes = settings.debug_buffer_bytes
+        self.url_expiry_seconds = settings.debug_url_expiry_seconds
+        self.settle_timeout_seconds = settings.debug_settle_timeout_seconds
+        self.sample_rate = settings.debug_sample_rate
+        self.tmp_dir = settings.tmp_dir
+        self.hold_budget = Budget(settings.debug_hold_bytes)
+        self._timeout_seconds = settings.debug_s3_timeout_seconds
+        self._client: Any = None
+        self._client_lock = anyio.Lock()
+        self._exit_stack = contextlib.AsyncExitStack()
+        self._background: anyio.abc.TaskGroup | None = None
+
+    def start(self, background: anyio.abc.TaskGroup) -> None:
+        """Run uploads in `background`, which outlives requests; check the bucket once."""
+        self._background = background
+        background.start_soon(self._check_bucket)
+
+    def spawn(self, job: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        assert self._background is not None, "S3Store.start() was not called"
+        self._background.start_soon(job)
+
+    async def client(self) -> Any:
+        """The S3 client, created on first use: importing aioboto3 takes half a second."""
+        if self._client is None:
+            async with self._client_lock:
+                if self._client is None:
+                    aioboto3 = await anyio.to_thread.run_sync(importlib.import_module, "aioboto3")
+                    config_module = await anyio.to_thread.run_sync(
+                        importlib.import_module, "aiobotocore.config"
+                    )
+                    config = config_module.AioConfig(
+                        connect_timeout=self._timeout_seconds,
+                        read_timeout=self._timeout_seconds,
+                        retries={"max_attempts": 3, "mode": "standard"},
+                        signature_version="s3v4",
+                    )
+                    session = aioboto3.Session()
+                    self._client = await self._exit_stack.enter_async_context(
+                        session.client("s3", config=config)
+                    )
+        return self._client
+
+    async def _check_bucket(self) -> None:
+        try:
+            client = await self.client()
+            with anyio.fail_after(self._timeout_seconds * 2):
+                await client.head_bucket(Bucket=self.bucket)
+        except Exception as exc:
+            logger.warning(
+                "debug bucket is not reachable; debug copies will fail until it is",
+                extra={"bucket": self.bucket, "error": _describe(exc)},
+            )
+        else:
+            logger.info("debug bucket reachable", extra={"bucket": self.bucket})
+
+    def begin(self, context: CopyContext) -> DebugCopies:
+        sampled = random.random() < self.sample_rate  # noqa: S311 - sampling, not security
+        return S3Copies(self, context, sampled=sampled)
+
+    async def aclose(self) -> None:
+        await self._exit_stack.aclose()
+
+
+class StreamingUpload:
+    """One object, uploaded as its bytes arrive, never buffering more than a bound."""
+
+    def __init__(
+        self,
+        store: S3Store,
+        key: str,
+        *,
+        content_type: str,
+        object_metadata: dict[str, str],
+        what: str,
+    ) -> None:
+        self._store = store
+        self.key = key
+        self._content_type = content_type
+        self._metadata = object_metadata
+        self._what = what
+        self._buffer = bytearray()
+        self._in_flight = 0
+        self._closed = False
+        self.abandoned = False
+        self.completed = False
+        self.done = anyio.Event()
+        self._wakeup = anyio.Event()
+
+    def offer(self, chunk: bytes) -> None:
+        if self.abandoned or self.done.is_set():
+            return
+        if len(self._buffer) + self._in_flight + len(chunk) > self._store.buffer_bytes:
+            logger.warning(
+                "debug copy abandoned: the store fell behind",
+                extra={"key": self.key, "bufferBytes": self._store.buffer_bytes},
+            )
+            metrics.DEBUG_COPIES.labels(copy=self._what, outcome="fell_behind").inc()
+            self.abandon()
+            return
+        self._buffer += chunk
+        self._wakeup.set()
+
+    def close(self) -> None:
+        self._closed = True
+        self._wakeup.set()
+
+    def abandon(self) -> None:
+        self.abandoned = True
+        self._buffer.clear()
+        self._wakeup.set()
+
+    async def run(self) -> None:
+        """Upload until closed or abandoned; whatever happens, leave no multipart behind."""
+        upload_id: str | None = None
+        parts: list[dict[str, Any]] = []
+        client: Any = None
+        try:
+            client = await self._store.client()
+            while True:
+                await self._wait_for_work()
+                if self.abandoned:
+                    return
+                part_bytes = self._store.part_bytes
+                if self._closed and len(self._buffer) <= part_bytes:
+                    last = bytes(self._buffer)
+                    self._buffer.clear()
+                    if upload_id is None:
+                        await client.put_object(
+                            Bucket=self._store.bucket,
+                            Key=self.key,
+                            Body=last,
+                            ContentType=self._content_type,
+                            Metadata=self._metadata,
+                        )
+                    else:
+                        if last:
+                            parts.append(await self._upload_part(client, upload_id, parts, last))
+                        await client.complete_multipart_upload(
+                            Bucket=self._store.bucket,
+                            Key=self.key,
+                            UploadId=upload_id,
+                            MultipartUpload={"Parts": parts},
+                        )
+                    self.completed = True
+                    metrics.DEBUG_COPIES.labels(copy=self._what, outcome="stored").inc()
+                    return
+                part = bytes(self._buffer[:part_bytes])
+                del self._buffer[:part_bytes]
+                self._in_flight = len(part)
+                if upload_id is None:
+                    created = await client.create_multipart_upload(
+                        Bucket=self._store.bucket,
+                        Key=self.key,
+                        ContentType=self._content_type,
+                        Metadata=self._metadata,
+                    )
+                    upload_id = created["UploadId"]
+                parts.append(await self._upload_part(client, upload_id, parts, part))
+                self._in_flight = 0
+        except Exception as exc:
+            logger.warning("debug copy failed", extra={"key": self.key, "error": _describe(exc)})
+            metrics.DEBUG_COPIES.labels(copy=self._what, outcome="failed").inc()
+        finally:
+            self._buffer.clear()
+            self._in_flight = 0
+            if not self.completed:
+                self.abandoned = True
+                if upload_id is not None:
+                    await self._abort(client, upload_id)
+            self.done.set()
+
+    async def _wait_for_work(self) -> None:
+        while not (self.abandoned or self._closed or len(self._buffer) >= self._store.part_bytes):
+            self._wakeup = anyio.Event()
+            await self._wakeup.wait()
+
+    async def _upload_part(
+        self, client: Any, upload_id: str, parts: list[dict[str, Any]], body: bytes
+    ) -> dict[str, Any]:
+        number = len(parts) + 1
+        response = await client.upload_part(
+            Bucket=self._store.bucket,
+            Key=self.key,
+            UploadId=upload_id,
+            PartNumber=number,
+            Body=body,
+        )
+        return {"ETag": response["ETag"], "PartNumber": number}
+
+    async def _abort(self, client: Any, upload_id: str) -> None:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(ABORT_TIMEOUT_SECONDS):
+            try:
+                await client.abort_multipart_upload(
+                    Bucket=self._store.bucket, Key=self.key, UploadId=upload_id
+                )
+                return
+            except Exception as exc:
+                logger.warning(
+                    "could not abort a multipart upload; the bucket's lifecycle rule will",
+                    extra={"key": self.key, "error": _describe(exc)},
+                )
+
+
+class S3Copies:
+    """One job's copies: streamed when sampled, else held locally until the outcome is known."""
+
+    def __init__(self, store: S3Store, context: CopyContext, *, sampled: bool) -> None:
+        self._store = store
+        self._context = context
+        self._sampled = sampled
+        self._layout: Layout | None = None
+        self._keys = Keys.for_job(store.prefix, context, None)
+        self._input: StreamingUpload | None = None
+        self._held_input: FileSpool | None = None
+        self._output: StreamingUpload | None = None
+        self._held_output: bytes | None = None
+
+    def start_input(self, layout: Layout) -> None:
+        self._layout = layout
+        self._keys = Keys.for_job(self._store.prefix, self._context, layout)
+        if self._sampled:
+            self._input = self._upload(self._keys.input, layout.content_type, "input")
+            self._store.spawn(self._input.run)
+            return
+        try:
+            self._held_input = FileSpool(
+                disk=self._store.hold_budget, tmp_dir=self._store.tmp_dir, suffix=".held"
+            )
+        except OSError as exc:
+            logger.warning("cannot hold the input copy", extra={"error": _describe(exc)})
+
+    def offer(self, chunk: bytes) -> None:
+        if self._input is not None:
+            self._input.offer(chunk)
+        elif self._held_input is not None:
+            try:
+                self._held_input.write(chunk)
+            except Exception:
+                logger.warning("input copy dropped: no room to hold it locally")
+                metrics.DEBUG_COPIES.labels(copy="input", outcome="fell_behind").inc()
+                self._drop_held_input()
+
+    def end_input(self) -> None:
+        if self._input is not None:
+            self._input.close()
+        elif self._held_input is not None:
+            try:
+                self._held_input.finish()
+            except Exception:
+                self._drop_held_input()
+
+    def add_output(self, mp3: bytes) -> None:
+        if not self._sampled:
+            self._held_output = mp3
+            return
+        self._output = self._upload(self._keys.output, "audio/mpeg", "output")
+        self._output.offer(mp3)
+        self._output.close()
+        self._store.spawn(self._output.run)
+
+    def abandon(self) -> None:
+        for upload, what in ((self._input, "input"), (self._output, "output")):
+            if upload is not None and not upload.done.is_set():
+                upload.abandon()
+                metrics.DEBUG_COPIES.labels(copy=what, outcome="abandoned").inc()
+        self._drop_held_input()
+        self._held_output = None
+
+    async def settle(self, failure_code: str | None) -> dict[str, str] | None:
+        if failure_code is None:
+            self._drop_held_input()
+            self._held_output = None
+            self._store.spawn(self._stamp_success)
+            return None
+        wanted = self._error_keys(failure_code)
+        settled = anyio.Event()
+
+        async def keep_errors() -> None:
+            try:
+                await self._keep_error_copies(failure_code)
+            finally:
+                settled.set()
+
+        self._store.spawn(keep_errors)
+        # Links are signed locally; waiting a little lets the copies exist when they're used.
+        with anyio.move_on_after(self._store.settle_timeout_seconds):
+            await settled.wait()
+        return await self._links(wanted)
+
+    def _upload(self, key: str, content_type: str, what: str) -> StreamingUpload:
+        return StreamingUpload(
+            self._store,
+            key,
+            content_type=content_type,
+            object_metadata=metadata(self._context, self._layout, "pending"),
+            what=what,
+        )
+
+    def _drop_held_input(self) -> None:
+        if self._held_input is not None:
+            self._held_input.close()
+            self._held_input = None
+
+    async def _stamp_success(self) -> None:
+        """Mark the copies `outcome: ok` once they are stored (a server-side copy onto itself)."""
+        for upload, content_type in (
+            (self._input, self._layout.content_type if self._layout else None),
+            (self._output, "audio/mpeg"),
+        ):
+            if upload is None:
+                continue
+            await upload.done.wait()
+            if upload.completed and content_type is not None:
+                await self._copy(upload.key, upload.key, content_type, "ok")
+
+    async def _keep_error_copies(self, code: str) -> None:
+        layout = self._layout
+        input_type = layout.content_type if layout else "application/octet-stream"
+        if self._input is not None:
+            await self._input.done.wait()
+            if self._input.completed:
+                await self._copy(self._input.key, self._keys.error_input(code), input_type, code)
+                await self._copy(self._input.key, self._input.key, input_type, code)
+        elif self._held_input is not None:
+            held = self._held_input
+            await self._put_file(held, self._keys.error_input(code), input_type, code)
+            self._drop_held_input()
+        if self._output is not None:
+            await self._output.done.wait()
+            if self._output.completed:
+                await self._copy(
+                    self._output.key, self._keys.error_output(code), "audio/mpeg", code
+                )
+        elif self._held_output is not None:
+            await self._put_bytes(self._held_output, self._keys.error_output(code), code)
+            self._held_output = None
+        metrics.DEBUG_COPIES.labels(copy="error", outcome="stored").inc()
+
+    def _error_keys(self, code: str) -> dict[str, str]:
+        """The error copies that exist or are on their way."""
+        wanted: dict[str, str] = {}
+        if (self._input is not None and not self._input.abandoned) or self._held_input:
+            wanted["input"] = self._keys.error_input(code)
+        if (self._output is not None and not self._output.abandoned) or self._held_output:
+            wanted["output"] = self._keys.error_output(code)
+        return wanted
+
+    async def _links(self, wanted: dict[str, str]) -> dict[str, str] | None:
+        """Presigned GET links, signed locally; they never make a bucket public."""
+        if not wanted:
+            return None
+        try:
+            client = await self._store.client()
+            return {
+                which: await client.generate_presigned_url(
+                    "get_object",
+                    Params={"Bucket": self._store.bucket, "Key": key},
+                    ExpiresIn=self._store.url_expiry_seconds,
+                )
+                for which, key in wanted.items()
+            }
+        except Exception as exc:
+            logger.warning("could not sign debug links", extra={"error": _describe(exc)})
+            return None
+
+    async def _copy(self, source: str, target: str, content_type: str, outcome: str) -> None:
+        try:
+            client = await self._store.client()
+            await client.copy_object(
+                Bucket=self._store.bucket,
+                Key=target,
+                CopySource={"Bucket": self._store.bucket, "Key": source},
+                MetadataDirective="REPLACE",
+                ContentType=content_type,
+                Metadata=metadata(self._context, self._layout, outcome),
+            )
+        except Exception as exc:
+            logger.warning("debug copy not kept", extra={"key": target, "error": _describe(exc)})
+            metrics.DEBUG_COPIES.labels(copy="error", outcome="failed").inc()
+
+    async def _put_file(self, held: FileSpool, key: str, content_type: str, code: str) -> None:
+        try:
+            client = await self._store.client()
+            with held.path.open("rb") as file:
+                await client.upload_fileobj(
+                    file,
+                    self._store.bucket,
+                    key,
+                    ExtraArgs={
+                        "ContentType": content_type,
+                        "Metadata": metadata(self._context, self._layout, code),
+                    },
+                )
+        except Exception as exc:
+            logger.warning("debug copy not kept", extra={"key": key, "error": _describe(exc)})
+            metrics.DEBUG_COPIES.labels(copy="error", outcome="failed").inc()
+
+    async def _put_bytes(self, data: bytes, key: str, code: str) -> None:
+        try:
+            client = await self._store.client()
+            await client.put_object(
+                Bucket=self._store.bucket,
+                Key=key,
+                Body=data,
+                ContentType="audio/mpeg",
+                Metadata=metadata(self._context, self._layout, code),
+            )
+        except Exception as exc:
+            logger.warning("debug copy not kept", extra={"key": key, "error": _describe(exc)})
+            metrics.DEBUG_COPIES.labels(copy="error", outcome="failed").inc()
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception for a log line: its type and S3's error code, never a credential."""
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        code = response.get("Error", {}).get("Code")
+        if code:
+            return f"{type(exc).__name__}: {code}"
+    return type(exc).__name__

@@ -1,0 +1,46 @@
+"""Prometheus metrics, served at `/metrics` for Fly's metrics scraper."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+_STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
+
+REQUESTS = Counter(
+    "vrai_requests",
+    "Requests by endpoint and outcome code",
+    ["endpoint", "code"],
+    registry=REGISTRY,
+)
+STAGE_SECONDS = Histogram(
+    "vrai_stage_seconds",
+    "Seconds spent per stage: receive, transcode, transcribe, total, after_last_byte",
+    ["stage"],
+    buckets=_STAGE_BUCKETS,
+    registry=REGISTRY,
+)
+BYTES = Counter(
+    "vrai_bytes",
+    "Bytes received (in) and MP3 bytes produced (out)",
+    ["direction"],
+    registry=REGISTRY,
+)
+JOBS = Gauge("vrai_jobs", "Jobs running or queued", ["state"], registry=REGISTRY)
+LAYOUTS = Counter(
+    "vrai_uploads", "Uploads by container and mode", ["format", "mode"], registry=REGISTRY
+)
+FFMPEG_EXITS = Counter("vrai_ffmpeg_exits", "ffmpeg exit statuses", ["status"], registry=REGISTRY)
+DEBUG_COPIES = Counter(
+    "vrai_debug_copies",
+    "Debug copies by copy (input, output, error) and outcome",
+    ["copy", "outcome"],
+    registry=REGISTRY,
+)
+AUDIO_SECONDS = Counter(
+    "vrai_audio_seconds", "Seconds of audio processed, per user", ["user"], registry=REGISTRY
+)
+CLEANUP_FAILURES = Counter(
+    "vrai_cleanup_failures", "Temp files that could not be deleted", registry=REGISTRY
+)
