@@ -32,6 +32,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     transcribe.add_argument("--from-time", type=float, default=0.0, metavar="S")
     transcribe.add_argument("--to-time", type=float, default=None, metavar="S")
 
+    bucket = commands.add_parser("debug-bucket", help="manage the S3 bucket of debug copies")
+    bucket_commands = bucket.add_subparsers(dest="bucket_command", required=True)
+    setup = bucket_commands.add_parser(
+        "setup", help="put the recommended lifecycle rules on the bucket"
+    )
+    setup.add_argument(
+        "--expire-days", type=int, default=30, help="delete debug copies after N days"
+    )
+
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
@@ -42,6 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return _serve(settings, host=args.host, port=args.port)
+        if args.command == "debug-bucket":
+            return anyio.run(_setup_bucket, settings, args.expire_days)
         return anyio.run(_transcribe, settings, args.file, args.from_time, args.to_time)
     except FfmpegNotFound as exc:
         print(f"vrai-stream: {exc}", file=sys.stderr)
@@ -94,6 +105,23 @@ async def _transcribe(
     finally:
         await services.aclose()
     print(json.dumps(success_body(result), indent=2))
+    return 0
+
+
+async def _setup_bucket(settings: Settings, expire_days: int) -> int:
+    if settings.debug_store != "s3":
+        print(
+            "vrai-stream: debug copies do not go to S3: set VRAI_DEBUG_BUCKET (or BUCKET_NAME)",
+            file=sys.stderr,
+        )
+        return 2
+    if expire_days < 1:
+        print("vrai-stream: --expire-days must be at least 1", file=sys.stderr)
+        return 2
+    from .debug_store.s3 import apply_lifecycle
+
+    rules = await apply_lifecycle(settings, expire_days)
+    print(json.dumps(rules, indent=2, default=str))
     return 0
 
 

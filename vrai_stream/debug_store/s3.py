@@ -458,3 +458,40 @@ def _describe(exc: BaseException) -> str:
         if code:
             return f"{type(exc).__name__}: {code}"
     return type(exc).__name__
+
+
+def lifecycle_rules(prefix: str, expire_days: int) -> dict[str, Any]:
+    """The bucket rules we recommend: copies expire, abandoned multipart uploads vanish."""
+    return {
+        "Rules": [
+            {
+                "ID": "vrai-expire-debug-copies",
+                "Filter": {"Prefix": prefix},
+                "Status": "Enabled",
+                "Expiration": {"Days": expire_days},
+            },
+            {
+                "ID": "vrai-abort-incomplete-uploads",
+                "Filter": {"Prefix": prefix},
+                "Status": "Enabled",
+                "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1},
+            },
+        ]
+    }
+
+
+async def apply_lifecycle(settings: Settings, expire_days: int) -> dict[str, Any]:
+    """Put the recommended rules on the debug bucket; returns what the bucket now holds."""
+    store = S3Store(settings)
+    try:
+        client = await store.client()
+        await client.put_bucket_lifecycle_configuration(
+            Bucket=store.bucket,
+            LifecycleConfiguration=lifecycle_rules(store.prefix, expire_days),
+        )
+        current: dict[str, Any] = await client.get_bucket_lifecycle_configuration(
+            Bucket=store.bucket
+        )
+        return {"Rules": current.get("Rules", [])}
+    finally:
+        await store.aclose()
