@@ -67,6 +67,7 @@ class Settings:
     openai_model: str = "whisper-1"
     openai_timeout_seconds: float = 60.0
     openai_max_retries: int = 2
+    openai_deadline_seconds: float = 150.0
     whisper_model: str | None = None
     whisper_concurrency: int = 1
     whisper_cpu_threads: int = 0
@@ -154,6 +155,9 @@ class Settings:
             ),
             openai_max_retries=reader.integer(
                 "VRAI_OPENAI_MAX_RETRIES", cls.openai_max_retries, minimum=0, maximum=10
+            ),
+            openai_deadline_seconds=reader.number(
+                "VRAI_OPENAI_DEADLINE_SECONDS", cls.openai_deadline_seconds, minimum=0.1
             ),
             whisper_model=reader.text("VRAI_WHISPER_MODEL"),
             whisper_concurrency=reader.integer(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
+import anyio
 import openai
 from openai.types.audio import TranscriptionVerbose
 
@@ -15,6 +18,11 @@ class OpenAITranscriber:
 
     def __init__(self, settings: Settings) -> None:
         self._model = settings.openai_model
+        # gpt-4o-transcribe and its kin answer only `json`; Whisper models give segments.
+        self._response_format: Literal["json", "verbose_json"] = (
+            "verbose_json" if "whisper" in self._model.lower() else "json"
+        )
+        self._deadline = settings.openai_deadline_seconds
         self._client = openai.AsyncOpenAI(
             api_key=settings.openai_api_key,
             base_url=settings.openai_base_url,
@@ -23,12 +31,23 @@ class OpenAITranscriber:
         )
 
     async def transcribe(self, audio: Audio) -> Transcript:
+        try:
+            # The SDK's timeout is per attempt; retries honouring Retry-After need a cap too.
+            with anyio.fail_after(self._deadline):
+                result = await self._create(audio)
+        except TimeoutError:
+            raise errors.TranscriptionTimeout(
+                "The transcription service did not answer in time"
+            ) from None
+        return _to_transcript(result)
+
+    async def _create(self, audio: Audio) -> object:
         options = audio.options
         try:
-            result = await self._client.audio.transcriptions.create(
+            return await self._client.audio.transcriptions.create(
                 model=self._model,
                 file=(audio.filename, audio.file, "audio/mpeg"),
-                response_format="verbose_json",
+                response_format=self._response_format,
                 language=options.language or openai.omit,
                 prompt=options.prompt or openai.omit,
                 temperature=openai.omit if options.temperature is None else options.temperature,
@@ -49,7 +68,6 @@ class OpenAITranscriber:
             raise errors.TranscriptionFailed(
                 "The transcription service sent an answer that could not be read"
             ) from None
-        return _to_transcript(result)
 
     async def aclose(self) -> None:
         await self._client.close()
