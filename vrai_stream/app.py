@@ -11,24 +11,23 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import anyio
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from . import errors
+from . import errors, metrics, routes
 from .admission import Admission
 from .debug_store import DebugStore, create_store
-from .ingest import check_declared_length, parse_window
-from .pipeline import JobResult, JobSpec, Pipeline
-from .responses import error_response, success_response
+from .pipeline import Pipeline
+from .responses import error_response
 from .settings import Settings
 from .spool import Budget, usable_tmp_dir
-from .telemetry import log_request
+from .summarize import Summarizer
 from .transcode import find_ffmpeg
 from .transcribers import Transcriber, create_transcriber
 from .warmup import Lazy
@@ -45,6 +44,7 @@ class Services:
     pipeline: Pipeline
     transcriber: Lazy[Transcriber]
     debug: DebugStore
+    summarizer: Summarizer
 
     @classmethod
     def create(cls, settings: Settings, ffmpeg: str) -> Services:
@@ -69,10 +69,12 @@ class Services:
             ),
             transcriber=transcriber,
             debug=debug,
+            summarizer=Summarizer(settings),
         )
 
     async def aclose(self) -> None:
         await self.debug.aclose()
+        await self.summarizer.aclose()
         if self.transcriber.ready:
             await (await self.transcriber.get()).aclose()
 
@@ -97,7 +99,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
     return Starlette(
         routes=[
             Route("/health", health, methods=["GET"]),
-            Route("/v1/transcriptions", transcriptions, methods=["POST"]),
+            Route("/metrics", prometheus_metrics, methods=["GET"]),
+            Route("/v1/transcriptions", routes.transcriptions, methods=["POST"]),
         ],
         exception_handlers={HTTPException: http_error, Exception: unexpected_error},
         lifespan=lifespan,
@@ -117,59 +120,11 @@ async def health(request: Request) -> Response:
     )
 
 
-async def transcriptions(request: Request) -> Response:
-    """Raw audio in the body; `fromTime`/`toTime` in the query; JSON or MP3 out."""
+async def prometheus_metrics(request: Request) -> Response:
     services: Services = request.app.state.services
-    settings = services.settings
-    request_id = uuid.uuid4().hex
-    result: JobResult | None = None
-    started = anyio.current_time()
-    try:
-        window = parse_window(request.query_params, max_window_seconds=settings.max_window_seconds)
-        check_declared_length(request.headers, settings.max_body_bytes)
-        spec = JobSpec(
-            request_id=request_id,
-            window=window,
-            want_mp3="audio/mpeg" in request.headers.get("accept", ""),
-        )
-        result = JobResult(spec=spec)
-        async with services.admission.slot():
-            await services.pipeline.run(spec, _body(request), result)
-    except errors.ServiceError as exc:
-        _log(request, request_id, started, result, exc)
-        return error_response(exc, request_id)
-    _log(request, request_id, started, result, None)
-    return success_response(result)
-
-
-async def _body(request: Request) -> AsyncIterator[bytes]:
-    try:
-        async for chunk in request.stream():
-            yield chunk
-    except ClientDisconnect:
-        raise errors.ClientDisconnected("The client disconnected during the upload") from None
-
-
-def _log(
-    request: Request,
-    request_id: str,
-    started: float,
-    result: JobResult | None,
-    failure: errors.ServiceError | None,
-) -> None:
-    fields: dict[str, Any] = {
-        "requestId": request_id,
-        "method": request.method,
-        "path": request.url.path,
-        "status": failure.status if failure else 200,
-        "code": failure.code if failure else "ok",
-        "seconds": round(anyio.current_time() - started, 3),
-    }
-    if result is not None:
-        fields["fromTime"] = result.spec.window.start
-        fields["toTime"] = result.spec.window.end
-        fields.update(result.log_fields())
-    log_request(fields)
+    metrics.JOBS.labels(state="running").set(services.admission.running)
+    metrics.JOBS.labels(state="queued").set(services.admission.waiting)
+    return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
 
 async def http_error(request: Request, exc: Exception) -> Response:

@@ -108,6 +108,16 @@ class TranscriberUnavailable(ServiceError):
     status, code = 503, "transcriber_unavailable"
 
 
+class SummaryUnavailable(ServiceError):
+    status, code = 503, "summary_unavailable"
+
+
+class SummaryFailed(ServiceError):
+    """Never an error response: a failed summary comes back as `summaryError`."""
+
+    status, code = 502, "summary_failed"
+
+
 class TranscriptionTimeout(ServiceError):
     status, code = 504, "transcription_timeout"
 
@@ -137,6 +147,8 @@ ALL_ERRORS: tuple[type[ServiceError], ...] = (
     TranscriptionFailed,
     Busy,
     TranscriberUnavailable,
+    SummaryUnavailable,
+    SummaryFailed,
     TranscriptionTimeout,
     DiskFull,
     InternalError,

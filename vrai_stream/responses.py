@@ -29,13 +29,13 @@ def success_body(result: JobResult) -> dict[str, Any]:
     }
 
 
-def success_response(result: JobResult) -> Response:
-    spec = result.spec
-    headers = {"X-Request-Id": spec.request_id}
-    if result.mp3 is not None:
-        headers["X-Audio-Duration"] = f"{result.duration:.3f}"
-        return Response(result.mp3, media_type="audio/mpeg", headers=headers)
-    return JSONResponse(success_body(result), headers=headers)
+def mp3_response(result: JobResult) -> Response:
+    """The trimmed MP3 itself, for `Accept: audio/mpeg`."""
+    headers = {
+        "X-Request-Id": result.spec.request_id,
+        "X-Audio-Duration": f"{result.duration:.3f}",
+    }
+    return Response(result.mp3, media_type="audio/mpeg", headers=headers)
 
 
 def error_response(exc: errors.ServiceError, request_id: str) -> JSONResponse:

@@ -68,6 +68,8 @@ class Settings:
     openai_timeout_seconds: float = 60.0
     openai_max_retries: int = 2
     openai_deadline_seconds: float = 150.0
+    summary_model: str = "gpt-4o-mini"
+    prompts_dir: Path | None = None
     whisper_model: str | None = None
     whisper_concurrency: int = 1
     whisper_cpu_threads: int = 0
@@ -159,6 +161,8 @@ class Settings:
             openai_deadline_seconds=reader.number(
                 "VRAI_OPENAI_DEADLINE_SECONDS", cls.openai_deadline_seconds, minimum=0.1
             ),
+            summary_model=reader.text("VRAI_SUMMARY_MODEL") or cls.summary_model,
+            prompts_dir=reader.path("VRAI_PROMPTS_DIR"),
             whisper_model=reader.text("VRAI_WHISPER_MODEL"),
             whisper_concurrency=reader.integer(
                 "VRAI_WHISPER_CONCURRENCY", cls.whisper_concurrency, minimum=1
