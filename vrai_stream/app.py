@@ -22,7 +22,9 @@ from starlette.routing import Route
 
 from . import errors, metrics, routes
 from .admission import Admission
+from .auth import Authenticator, create_authenticator
 from .debug_store import DebugStore, create_store
+from .openapi import build_openapi
 from .pipeline import Pipeline
 from .responses import error_response
 from .settings import Settings
@@ -45,6 +47,7 @@ class Services:
     transcriber: Lazy[Transcriber]
     debug: DebugStore
     summarizer: Summarizer
+    auth: Authenticator
 
     @classmethod
     def create(cls, settings: Settings, ffmpeg: str) -> Services:
@@ -70,11 +73,13 @@ class Services:
             transcriber=transcriber,
             debug=debug,
             summarizer=Summarizer(settings),
+            auth=create_authenticator(settings.auth),
         )
 
     async def aclose(self) -> None:
         await self.debug.aclose()
         await self.summarizer.aclose()
+        await self.auth.aclose()
         if self.transcriber.ready:
             await (await self.transcriber.get()).aclose()
 
@@ -89,6 +94,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         app.state.services = services
         async with anyio.create_task_group() as background:
             background.start_soon(services.transcriber.warm_up, "transcriber")
+            background.start_soon(services.auth.warm_up)
             services.debug.start(background)
             try:
                 yield
@@ -100,6 +106,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         routes=[
             Route("/health", health, methods=["GET"]),
             Route("/metrics", prometheus_metrics, methods=["GET"]),
+            Route("/openapi.json", openapi_document, methods=["GET"]),
             Route("/v1/transcriptions", routes.transcriptions, methods=["POST"]),
         ],
         exception_handlers={HTTPException: http_error, Exception: unexpected_error},
@@ -113,11 +120,16 @@ async def health(request: Request) -> Response:
         {
             "status": "ok",
             "transcriber": services.settings.transcriber,
+            "auth": services.settings.auth.kind,
             "transcriberReady": services.transcriber.ready,
             "jobsRunning": services.admission.running,
             "jobsWaiting": services.admission.waiting,
         }
     )
+
+
+async def openapi_document(request: Request) -> Response:
+    return JSONResponse(build_openapi())
 
 
 async def prometheus_metrics(request: Request) -> Response:

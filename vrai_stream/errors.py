@@ -58,6 +58,12 @@ class Unauthorized(RefusedUpload):
     status, code = 401, "unauthorized"
 
 
+class AuthUnavailable(RefusedUpload):
+    """The signing keys cannot be fetched and none are cached: our fault, not the user's."""
+
+    status, code = 503, "auth_unavailable"
+
+
 class NotFound(RefusedUpload):
     status, code = 404, "not_found"
 
@@ -135,6 +141,7 @@ ALL_ERRORS: tuple[type[ServiceError], ...] = (
     InvalidWindow,
     EmptyBody,
     Unauthorized,
+    AuthUnavailable,
     NotFound,
     MethodNotAllowed,
     UploadTimeout,

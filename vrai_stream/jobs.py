@@ -18,7 +18,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from . import errors, metrics
-from .debug_store import ANONYMOUS
+from .auth import ANONYMOUS
 from .ingest import check_declared_length
 from .pipeline import JobResult, JobSpec
 from .responses import error_response
@@ -41,6 +41,7 @@ class HttpJob:
         self.response: Response | None = None
         self.failure: errors.ServiceError | None = None
         self.summary_fields: dict[str, str] = {}
+        self._body_started = False
 
     async def __aenter__(self) -> HttpJob:
         return self
@@ -54,6 +55,9 @@ class HttpJob:
         if isinstance(exc, errors.ServiceError):
             self.failure = exc
             self.response = error_response(exc, self.request_id)
+            if not self._body_started:
+                # Refused before reading: close, or the client would upload it all for nothing.
+                self.response.headers["Connection"] = "close"
         elif exc is not None:
             code = "cancelled" if isinstance(exc, anyio.get_cancelled_exc_class()) else "bug"
             self._record(code=code, status=500)
@@ -66,7 +70,8 @@ class HttpJob:
 
     async def authenticate(self) -> None:
         """Who is asking, from the Authorization header; a 401 never reads the body."""
-        self.user_id = ANONYMOUS
+        principal = await self.services.auth.authenticate(self.request.headers.get("authorization"))
+        self.user_id = principal.user_id
 
     def check_body_length(self) -> None:
         check_declared_length(self.request.headers, self.services.settings.max_body_bytes)
@@ -77,6 +82,7 @@ class HttpJob:
             yield
 
     def body(self) -> AsyncIterator[bytes]:
+        self._body_started = True
         return request_body(self.request)
 
     def new_result(self, spec: JobSpec) -> JobResult:

@@ -17,7 +17,8 @@ from typing import Any
 import anyio
 
 from . import errors
-from .debug_store import ANONYMOUS, CopyContext, DebugCopies, DebugStore
+from .auth import ANONYMOUS
+from .debug_store import CopyContext, DebugCopies, DebugStore
 from .ingest import BodyMeter, limited
 from .layout import SNIFF_LIMIT_BYTES, Layout, Mode, sniff
 from .settings import Settings

@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TypeVar, cast
 
+from .auth import AuthConfig
+
 TranscriberKind = Literal["openai", "local"]
 DebugStoreKind = Literal["s3", "dir", "off"]
-AuthKind = Literal["off", "token", "firebase", "jwt"]
 
 _Choice = TypeVar("_Choice", bound=str)
 _Number = TypeVar("_Number", int, float)
@@ -88,6 +89,9 @@ class Settings:
     debug_settle_timeout_seconds: float = 5.0
     debug_s3_timeout_seconds: float = 10.0
 
+    # Authentication
+    auth: AuthConfig = field(default_factory=AuthConfig)
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Build settings from `env` (default: the process environment)."""
@@ -105,6 +109,36 @@ class Settings:
             debug_store = "s3" if bucket else "dir"
         if debug_store == "s3" and not bucket:
             raise SettingsError("VRAI_DEBUG_STORE=s3 needs VRAI_DEBUG_BUCKET (or BUCKET_NAME)")
+        try:
+            auth = AuthConfig.parse(
+                reader.choice("VRAI_AUTH", ("off", "token", "firebase", "jwt"), "off"),
+                tokens=reader.text("VRAI_AUTH_TOKENS"),
+                firebase_project_id=reader.text("VRAI_FIREBASE_PROJECT_ID"),
+                jwks_url=reader.text("VRAI_JWKS_URL"),
+                issuer=reader.text("VRAI_JWT_ISSUER"),
+                audience=reader.text("VRAI_JWT_AUDIENCE"),
+                algorithms=reader.text("VRAI_JWT_ALGORITHMS"),
+                user_claim=reader.text("VRAI_JWT_USER_CLAIM"),
+                leeway_seconds=reader.number(
+                    "VRAI_AUTH_LEEWAY_SECONDS", AuthConfig.leeway_seconds, minimum=0, maximum=300
+                ),
+                jwks_timeout_seconds=reader.number(
+                    "VRAI_JWKS_TIMEOUT_SECONDS", AuthConfig.jwks_timeout_seconds, minimum=0.1
+                ),
+                jwks_cache_min_seconds=reader.number(
+                    "VRAI_JWKS_CACHE_MIN_SECONDS", AuthConfig.jwks_cache_min_seconds, minimum=0
+                ),
+                jwks_cache_max_seconds=reader.number(
+                    "VRAI_JWKS_CACHE_MAX_SECONDS", AuthConfig.jwks_cache_max_seconds, minimum=0
+                ),
+                jwks_refresh_interval_seconds=reader.number(
+                    "VRAI_JWKS_REFRESH_INTERVAL_SECONDS",
+                    AuthConfig.jwks_refresh_interval_seconds,
+                    minimum=0,
+                ),
+            )
+        except ValueError as exc:  # SettingsError included: same message either way
+            raise SettingsError(str(exc)) from None
         part_bytes = reader.integer("VRAI_DEBUG_PART_BYTES", cls.debug_part_bytes, minimum=5 * MiB)
         buffer_bytes = reader.integer(
             "VRAI_DEBUG_BUFFER_BYTES", cls.debug_buffer_bytes, minimum=part_bytes
@@ -197,6 +231,7 @@ class Settings:
             debug_s3_timeout_seconds=reader.number(
                 "VRAI_DEBUG_S3_TIMEOUT_SECONDS", cls.debug_s3_timeout_seconds, minimum=0.1
             ),
+            auth=auth,
         )
 
 

@@ -14,10 +14,9 @@ from typing import Protocol
 
 from anyio.abc import TaskGroup
 
+from ..auth import ANONYMOUS
 from ..layout import Layout
 from ..settings import Settings
-
-ANONYMOUS = "anonymous"
 
 
 @dataclass(frozen=True)
