@@ -51,6 +51,21 @@ class Server:
     def temp_files(self) -> list[Path]:
         return sorted(self.tmp_dir.iterdir())
 
+    def open_temp_files(self, folder: Path | None = None) -> list[str]:
+        """Files the server holds open in its temp folder (or in `folder`).
+
+        Spools roll over to unnamed (O_TMPFILE) files on Linux, which no directory listing
+        shows: only the process's descriptors reveal them.
+        """
+        fd_dir = Path(f"/proc/{self.process.pid}/fd")
+        targets = []
+        for fd in os.listdir(fd_dir):
+            try:
+                targets.append(os.readlink(fd_dir / fd))
+            except OSError:
+                continue  # closed while we looked
+        return [target for target in targets if target.startswith(f"{folder or self.tmp_dir}/")]
+
     def logs(self) -> list[dict[str, Any]]:
         entries = []
         for line in self.log_path.read_text().splitlines():
@@ -64,14 +79,15 @@ class Server:
         return [entry["request"] for entry in self.logs() if "request" in entry]
 
     def wait_idle(self, timeout: float = 10.0) -> None:
-        """Wait until no ffmpeg runs and no temp file is left, or fail saying which."""
+        """Wait until no ffmpeg runs and no temp file is left or open, or fail saying which."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not self.children() and not self.temp_files():
+            if not self.children() and not self.temp_files() and not self.open_temp_files():
                 return
             time.sleep(0.05)
         assert self.children() == [], "ffmpeg (or another child) outlived its request"
         assert self.temp_files() == [], "a temp file outlived its request"
+        assert self.open_temp_files() == [], "a spool file is still open after its request"
 
     def stop(self) -> None:
         if self.process.poll() is None:

@@ -30,6 +30,7 @@ from .responses import error_response
 from .settings import Settings
 from .spool import Budget, usable_tmp_dir
 from .summarize import Summarizer
+from .telemetry import log_request
 from .transcode import find_ffmpeg
 from .transcribers import Transcriber, create_transcriber
 from .warmup import Lazy
@@ -150,7 +151,19 @@ async def http_error(request: Request, exc: Exception) -> Response:
     else:
         failure = errors.InvalidParameters(str(exc.detail))
         failure.status = exc.status_code
-    return error_response(failure, uuid.uuid4().hex)
+    request_id = uuid.uuid4().hex
+    log_request(
+        {
+            "requestId": request_id,
+            "method": request.method,
+            "path": request.url.path,
+            "status": failure.status,
+            "code": failure.code,
+        }
+    )
+    response = error_response(failure, request_id)
+    response.headers.update(exc.headers or {})
+    return response
 
 
 async def unexpected_error(request: Request, exc: Exception) -> Response:

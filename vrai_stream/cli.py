@@ -47,7 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"vrai-stream: configuration error: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level)
+    # Commands that print JSON keep stdout for it; their logs go to stderr.
+    configure_logging(settings.log_level, sys.stdout if args.command == "serve" else sys.stderr)
     try:
         if args.command == "serve":
             return _serve(settings, host=args.host, port=args.port)

@@ -142,9 +142,31 @@ class Pipeline:
         result: JobResult,
         copies: DebugCopies,
     ) -> None:
-        settings = self._settings
         started = anyio.current_time()
         meter = BodyMeter()
+        output = self.new_spool()
+        try:
+            with output:
+                await self._stream(spec, chunks, result, copies, meter, output)
+        finally:
+            # Even a failed job reports how much arrived and how long it took.
+            result.output_on_disk = output.on_disk
+            result.input_size = meter.size
+            finished = anyio.current_time()
+            result.timings.receive = (meter.last_byte_at or finished) - started
+            result.timings.total = finished - started
+            result.timings.after_last_byte = finished - (meter.last_byte_at or finished)
+
+    async def _stream(
+        self,
+        spec: JobSpec,
+        chunks: AsyncIterator[bytes],
+        result: JobResult,
+        copies: DebugCopies,
+        meter: BodyMeter,
+        output: Spool,
+    ) -> None:
+        settings = self._settings
         body = limited(
             chunks,
             max_bytes=settings.max_body_bytes,
@@ -155,7 +177,7 @@ class Pipeline:
         result.layout = layout
         copies.start_input(layout)
         failure: errors.ServiceError | None = None
-        with self.new_spool() as output, contextlib.ExitStack() as cleanup:
+        with contextlib.ExitStack() as cleanup:
             async with anyio.create_task_group() as group:
                 if layout.mode is Mode.STREAM:
                     command = self._command(spec)
@@ -181,11 +203,6 @@ class Pipeline:
                     async with self._ffmpeg_run(command, output, feeds_stdin=False) as ffmpeg:
                         failure = await self._finish(spec, ffmpeg, output, result, copies)
             # Leaving the task group means the body has been read to its last byte.
-        result.input_size = meter.size
-        finished = anyio.current_time()
-        result.timings.receive = (meter.last_byte_at or finished) - started
-        result.timings.total = finished - started
-        result.timings.after_last_byte = finished - (meter.last_byte_at or finished)
         if failure is not None:
             raise failure
 
@@ -215,7 +232,6 @@ class Pipeline:
         """Wait for ffmpeg, then transcribe its MP3 (or keep it); return what went wrong."""
         outcome = await ffmpeg.wait()
         result.timings.transcode = outcome.seconds
-        result.output_on_disk = output.on_disk
         if outcome.returncode != 0:
             return explain_failure(outcome)
         mp3 = output.read_all()

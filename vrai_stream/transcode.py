@@ -166,8 +166,10 @@ async def run_ffmpeg(
                 group.cancel_scope.cancel()
     finally:
         with anyio.CancelScope(shield=True):
-            await job.stop()
+            # EOF on stdin and EPIPE on stdout end ffmpeg at once, even mid-read, where
+            # SIGTERM would wait out the grace period.
             await job.close_pipes()
+            await job.stop()
 
 
 class FfmpegJob:

@@ -1,0 +1,238 @@
+"""Settings: read once from the environment, validated, and a bad value named at start-up.
+
+`Settings.from_env` is checked directly; the same rules are then checked where a user meets
+them: `vrai-stream serve` refusing to start, the transcriber `auto` picks as `/health`
+reports it, and a temp folder that cannot be written falling back to the system's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from vrai_stream.settings import Settings, SettingsError
+
+from .support import Server, decoded_seconds, free_port
+from .test_cleanup import wait_for_spool_file
+from .test_errors import ENDPOINT, gated
+
+MiB = 1024 * 1024
+
+
+# --- from_env ------------------------------------------------------------------------------
+
+
+def test_defaults_are_the_documented_ones() -> None:
+    settings = Settings.from_env({})
+    assert settings.max_window_seconds == 300
+    assert settings.max_body_bytes == 1024 * MiB
+    assert settings.idle_timeout_seconds == 30
+    assert settings.max_jobs == 4
+    assert settings.max_queue == 8
+    assert settings.retry_after_seconds == 5
+    assert settings.mp3_bitrate_kbps == 32
+    assert settings.spool_memory_bytes == 2 * MiB
+    assert settings.spool_memory_total_bytes == 32 * MiB
+    assert settings.spool_disk_total_bytes is None
+    assert settings.transcriber == "local"
+
+
+def test_values_are_read_and_typed() -> None:
+    settings = Settings.from_env(
+        {
+            "HOST": "0.0.0.0",
+            "PORT": "9000",
+            "VRAI_MAX_WINDOW_SECONDS": "120.5",
+            "VRAI_MAX_BODY_BYTES": "1_000_000",
+            "VRAI_IDLE_TIMEOUT_SECONDS": " 2.5 ",
+            "VRAI_MAX_JOBS": "2",
+            "VRAI_MAX_QUEUE": "0",
+            "VRAI_MP3_BITRATE_KBPS": "48",
+            "VRAI_SPOOL_MEMORY_BYTES": "0",
+            "VRAI_SPOOL_DISK_TOTAL_BYTES": "4096",
+            "VRAI_TMP_DIR": "/srv/spool",
+            "VRAI_TRANSCRIBER": "LOCAL",
+            "VRAI_LOG_LEVEL": "warning",
+        }
+    )
+    assert (settings.host, settings.port) == ("0.0.0.0", 9000)
+    assert settings.max_window_seconds == 120.5
+    assert settings.max_body_bytes == 1_000_000
+    assert settings.idle_timeout_seconds == 2.5
+    assert (settings.max_jobs, settings.max_queue) == (2, 0)
+    assert settings.mp3_bitrate_kbps == 48
+    assert settings.spool_memory_bytes == 0
+    assert settings.spool_disk_total_bytes == 4096
+    assert settings.tmp_dir == Path("/srv/spool")
+    assert settings.transcriber == "local"
+    assert settings.log_level == "warning"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("PORT", "http"),
+        ("PORT", "70000"),
+        ("VRAI_LOG_LEVEL", "loud"),
+        ("VRAI_MAX_WINDOW_SECONDS", "five minutes"),
+        ("VRAI_MAX_WINDOW_SECONDS", "nan"),
+        ("VRAI_MAX_WINDOW_SECONDS", "-5"),
+        ("VRAI_MAX_BODY_BYTES", "1GB"),
+        ("VRAI_MAX_BODY_BYTES", "0"),
+        ("VRAI_IDLE_TIMEOUT_SECONDS", "inf"),
+        ("VRAI_IDLE_TIMEOUT_SECONDS", "0"),
+        ("VRAI_MAX_JOBS", "zero"),
+        ("VRAI_MAX_JOBS", "0"),
+        ("VRAI_MAX_QUEUE", "-1"),
+        ("VRAI_RETRY_AFTER_SECONDS", "0"),
+        ("VRAI_MP3_BITRATE_KBPS", "33"),
+        ("VRAI_FFMPEG_TIMEOUT_SECONDS", "0"),
+        ("VRAI_SPOOL_MEMORY_BYTES", "-1"),
+        ("VRAI_SPOOL_DISK_TOTAL_BYTES", "lots"),
+        ("VRAI_TRANSCRIBER", "whisper-cloud"),
+        ("VRAI_OPENAI_MAX_RETRIES", "many"),
+        ("VRAI_WHISPER_BEAM_SIZE", "11"),
+    ],
+)
+def test_bad_value_raises_naming_the_variable(name: str, value: str) -> None:
+    with pytest.raises(SettingsError) as raised:
+        Settings.from_env({name: value})
+    assert name in str(raised.value)
+
+
+def test_openai_without_a_key_names_the_missing_variable() -> None:
+    with pytest.raises(SettingsError, match="OPENAI_API_KEY"):
+        Settings.from_env({"VRAI_TRANSCRIBER": "openai"})
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"VRAI_TRANSCRIBER": "auto", "OPENAI_API_KEY": "sk-test"}, "openai"),
+        ({"VRAI_TRANSCRIBER": "auto"}, "local"),
+        ({"VRAI_TRANSCRIBER": "auto", "OPENAI_API_KEY": "  "}, "local"),
+        ({"OPENAI_API_KEY": "sk-test"}, "openai"),  # auto is the default
+        ({}, "local"),
+        ({"VRAI_TRANSCRIBER": "local", "OPENAI_API_KEY": "sk-test"}, "local"),
+    ],
+)
+def test_auto_picks_openai_only_with_a_key(env: dict[str, str], expected: str) -> None:
+    assert Settings.from_env(env).transcriber == expected
+
+
+def test_the_api_key_never_shows_in_a_repr() -> None:
+    settings = Settings.from_env({"OPENAI_API_KEY": "sk-very-secret-123"})
+    assert "sk-very-secret-123" not in repr(settings)
+    assert "sk-very-secret-123" not in str(settings)
+
+
+# --- where a user meets them ---------------------------------------------------------------
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("VRAI_", "OPENAI_", "AWS_")) and key not in ("BUCKET_NAME",)
+    }
+    env.update({"HF_HUB_OFFLINE": "1", "VRAI_TRANSCRIBER": "local", **extra})
+    return env
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("VRAI_MAX_JOBS", "zero"),
+        ("VRAI_MAX_WINDOW_SECONDS", "-1"),
+        ("VRAI_TRANSCRIBER", "whisper-cloud"),
+        ("VRAI_FFMPEG", "/nonexistent/ffmpeg"),
+    ],
+)
+def test_serve_with_a_bad_value_exits_naming_the_variable(name: str, value: str) -> None:
+    script = Path(sys.executable).with_name("vrai-stream")
+    assert script.exists(), "the console script `vrai-stream` is not installed"
+    finished = subprocess.run(
+        [str(script), "serve", "--port", str(free_port())],
+        env=_clean_env(**{name: value}),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert finished.returncode != 0
+    assert name in finished.stderr, finished.stderr
+    assert "Traceback" not in finished.stderr, finished.stderr
+
+
+@pytest.mark.anyio
+async def test_server_with_a_key_and_auto_runs_openai(make_server: Any) -> None:
+    """The rule above, wired through to a running server (auto without a key: the unit test)."""
+    key = "sk-not-a-real-key-42"
+    server: Server = make_server(
+        VRAI_TRANSCRIBER="auto",
+        OPENAI_API_KEY=key,
+        # Never called: a port nothing listens on, so no request can leave the machine.
+        OPENAI_BASE_URL=f"http://127.0.0.1:{free_port()}/v1",
+    )
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+        health = (await client.get("/health")).json()
+    assert health["status"] == "ok"
+    assert health["transcriber"] == "openai"
+    assert key not in server.log_path.read_text()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["missing-folder", "a-file"])
+async def test_unwritable_tmp_dir_falls_back_to_the_system_one(
+    make_server: Any, media: Path, tmp_path: Path, kind: str
+) -> None:
+    system_tmp = tmp_path / "system-tmp"  # the server's system temp folder, via TMPDIR
+    system_tmp.mkdir()
+    if kind == "missing-folder":
+        unusable = tmp_path / "no" / "such" / "folder"
+    else:
+        unusable = tmp_path / "a-file"
+        unusable.write_text("a file, not a folder")
+    server: Server = make_server(
+        VRAI_TMP_DIR=str(unusable), TMPDIR=str(system_tmp), VRAI_SPOOL_MEMORY_BYTES="0"
+    )
+    warnings = [entry for entry in server.logs() if entry.get("level") == "warning"]
+    assert len(warnings) == 1, warnings
+    assert str(unusable) in json.dumps(warnings[0]), warnings[0]
+
+    # It still serves, and its spool files go to the system's folder.
+    audio = (media / "padded.wav").read_bytes()
+    release = anyio.Event()
+    answer: dict[str, httpx.Response] = {}
+    async with (
+        httpx.AsyncClient(base_url=server.url, timeout=60) as client,
+        anyio.create_task_group() as group,
+    ):
+
+        async def upload() -> None:
+            answer["response"] = await client.post(
+                ENDPOINT,
+                content=gated(audio, first=len(audio) * 7 // 10, gate=release),
+                headers={"Accept": "audio/mpeg"},
+            )
+
+        group.start_soon(upload)
+        await wait_for_spool_file(server, system_tmp)
+        release.set()
+    response = answer["response"]
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "audio/mpeg"
+    assert abs(decoded_seconds(response.content, tmp_path) - 11) < 1.0
+
+    server.wait_idle()
+    assert list(system_tmp.iterdir()) == []
+    assert server.open_temp_files(system_tmp) == []
+    warnings = [entry for entry in server.logs() if entry.get("level") == "warning"]
+    assert len(warnings) == 1, "the fallback is announced once, not per request"
