@@ -24,6 +24,7 @@ from . import errors, metrics, routes
 from .admission import Admission
 from .auth import Authenticator, create_authenticator
 from .debug_store import DebugStore, create_store
+from .memory_plan import MemoryPlan, detect_memory_limit, plan_memory
 from .openapi import build_openapi
 from .pipeline import Pipeline
 from .responses import error_response
@@ -43,6 +44,7 @@ class Services:
     """What every request shares; built once by the lifespan."""
 
     settings: Settings
+    plan: MemoryPlan
     admission: Admission
     pipeline: Pipeline
     transcriber: Lazy[Transcriber]
@@ -54,18 +56,21 @@ class Services:
     def create(cls, settings: Settings, ffmpeg: str) -> Services:
         transcriber: Lazy[Transcriber] = Lazy(lambda: create_transcriber(settings))
         debug = create_store(settings)
+        plan = plan_memory(settings, *detect_memory_limit(settings))
+        logger.info("memory plan", extra={"plan": plan.describe()})
         return cls(
             settings=settings,
+            plan=plan,
             admission=Admission(
-                max_jobs=settings.max_jobs,
-                max_queue=settings.max_queue,
+                max_jobs=plan.max_jobs,
+                max_queue=plan.max_queue,
                 queue_timeout_seconds=settings.queue_timeout_seconds,
                 retry_after_seconds=settings.retry_after_seconds,
             ),
             pipeline=Pipeline(
                 settings,
                 ffmpeg=ffmpeg,
-                memory=Budget(settings.spool_memory_total_bytes),
+                memory=Budget(plan.spool_memory_total_bytes),
                 disk=Budget(settings.spool_disk_total_bytes),
                 transcriber=transcriber.get,
                 debug=debug,
@@ -123,6 +128,8 @@ async def health(request: Request) -> Response:
             "transcriber": services.settings.transcriber,
             "auth": services.settings.auth.kind,
             "transcriberReady": services.transcriber.ready,
+            "maxJobs": services.admission.max_jobs,
+            "maxQueue": services.admission.max_queue,
             "jobsRunning": services.admission.running,
             "jobsWaiting": services.admission.waiting,
         }

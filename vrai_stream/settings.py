@@ -47,8 +47,9 @@ class Settings:
     idle_timeout_seconds: float = 30.0
 
     # Admission
-    max_jobs: int = 4
-    max_queue: int = 8
+    memory_limit_bytes: int | None = None
+    max_jobs: int | None = None
+    max_queue: int | None = None
     queue_timeout_seconds: float = 30.0
     retry_after_seconds: int = 5
 
@@ -57,7 +58,7 @@ class Settings:
     mp3_bitrate_kbps: int = 32
     ffmpeg_timeout_seconds: float = 120.0
     spool_memory_bytes: int = 2 * MiB
-    spool_memory_total_bytes: int = 32 * MiB
+    spool_memory_total_bytes: int | None = None
     spool_disk_total_bytes: int | None = None
     tmp_dir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()))
 
@@ -156,8 +157,9 @@ class Settings:
             idle_timeout_seconds=reader.number(
                 "VRAI_IDLE_TIMEOUT_SECONDS", cls.idle_timeout_seconds, minimum=0.1
             ),
-            max_jobs=reader.integer("VRAI_MAX_JOBS", cls.max_jobs, minimum=1),
-            max_queue=reader.integer("VRAI_MAX_QUEUE", cls.max_queue, minimum=0),
+            memory_limit_bytes=reader.optional_integer("VRAI_MEMORY_LIMIT_BYTES", minimum=64 * MiB),
+            max_jobs=reader.optional_integer("VRAI_MAX_JOBS", minimum=1),
+            max_queue=reader.optional_integer("VRAI_MAX_QUEUE", minimum=0),
             queue_timeout_seconds=reader.number(
                 "VRAI_QUEUE_TIMEOUT_SECONDS", cls.queue_timeout_seconds, minimum=0
             ),
@@ -176,8 +178,8 @@ class Settings:
             spool_memory_bytes=reader.integer(
                 "VRAI_SPOOL_MEMORY_BYTES", cls.spool_memory_bytes, minimum=0
             ),
-            spool_memory_total_bytes=reader.integer(
-                "VRAI_SPOOL_MEMORY_TOTAL_BYTES", cls.spool_memory_total_bytes, minimum=0
+            spool_memory_total_bytes=reader.optional_integer(
+                "VRAI_SPOOL_MEMORY_TOTAL_BYTES", minimum=0
             ),
             spool_disk_total_bytes=reader.integer("VRAI_SPOOL_DISK_TOTAL_BYTES", 0, minimum=0)
             or None,
@@ -264,6 +266,12 @@ class _Reader:
         except ValueError:
             raise SettingsError(f"{name} must be a whole number, got {raw!r}") from None
         return self._bounded(name, value, minimum, maximum)
+
+    def optional_integer(self, name: str, *, minimum: int | None = None) -> int | None:
+        """A whole number, or None when unset: the service derives the value itself."""
+        if self.text(name) is None:
+            return None
+        return self.integer(name, 0, minimum=minimum)
 
     def number(
         self,

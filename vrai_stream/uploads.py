@@ -231,8 +231,12 @@ async def _spool_rest(
 async def _read_back(spool: DiskSpool, read_size: int) -> AsyncGenerator[bytes, None]:
     """The spooled audio in chunks; the spool is deleted once read, or when closed early."""
     try:
-        async with await anyio.open_file(spool.path, "rb") as file:
+        file = await anyio.open_file(spool.path, "rb")
+        try:
             while chunk := await file.read(read_size):
                 yield chunk
+        finally:
+            with anyio.CancelScope(shield=True):  # closing is a thread call: cancelled, it'd leak
+                await file.aclose()
     finally:
         spool.close()
