@@ -30,14 +30,32 @@ class Admission:
         self._slots = anyio.Semaphore(max_jobs)
         self.running = 0
         self.waiting = 0
-        self.closed = False
+        self._closing = anyio.Event()
+
+    @property
+    def closed(self) -> bool:
+        return self._closing.is_set()
 
     def close(self) -> None:
-        """Refuse every new job from now on (the machine is shutting down)."""
-        self.closed = True
+        """Refuse every new job from now on, queued ones included (the machine is stopping)."""
+        self._closing.set()
 
     def _busy(self, message: str) -> errors.Busy:
         return errors.Busy(message, headers={"Retry-After": str(self._retry_after)})
+
+    async def _acquire_unless_closing(self) -> bool:
+        acquired = False
+        async with anyio.create_task_group() as group:
+
+            async def give_up_when_closing() -> None:
+                await self._closing.wait()
+                group.cancel_scope.cancel()
+
+            group.start_soon(give_up_when_closing)
+            await self._slots.acquire()
+            acquired = True
+            group.cancel_scope.cancel()
+        return acquired
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
@@ -49,11 +67,13 @@ class Admission:
         self.waiting += 1
         try:
             with anyio.fail_after(self._queue_timeout):
-                await self._slots.acquire()
+                acquired = await self._acquire_unless_closing()
         except TimeoutError:
             raise self._busy("The server stayed at capacity; retry shortly") from None
         finally:
             self.waiting -= 1
+        if not acquired:
+            raise self._busy("The server is shutting down; retry on another machine")
         self.running += 1
         try:
             yield

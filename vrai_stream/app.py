@@ -29,7 +29,7 @@ from .openapi import build_openapi
 from .pipeline import Pipeline
 from .responses import error_response
 from .settings import Settings
-from .spool import Budget, usable_tmp_dir
+from .spool import Budget, sweep_leftovers, usable_tmp_dir
 from .summarize import Summarizer
 from .telemetry import log_request
 from .transcode import find_ffmpeg
@@ -98,14 +98,21 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         services = Services.create(settings, ffmpeg)
         app.state.services = services
-        async with anyio.create_task_group() as background:
-            background.start_soon(services.transcriber.warm_up, "transcriber")
-            background.start_soon(services.auth.warm_up)
-            services.debug.start(background)
-            try:
-                yield
-            finally:
-                background.cancel_scope.cancel()
+        sweep_leftovers(services.pipeline.tmp_dir)
+        try:
+            async with anyio.create_task_group() as background:
+                background.start_soon(services.transcriber.warm_up, "transcriber")
+                background.start_soon(services.auth.warm_up)
+                services.debug.start(background)
+                try:
+                    yield
+                finally:
+                    # Requests have drained; give their debug uploads the same grace.
+                    with anyio.move_on_after(settings.drain_seconds):
+                        await services.debug.wait_idle()
+                    background.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
                 await services.aclose()
 
     return Starlette(

@@ -61,18 +61,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(settings: Settings, *, host: str | None, port: int | None) -> int:
-    import uvicorn
-
     from .app import create_app
+    from .server import serve
 
-    uvicorn.run(
-        create_app(settings),
-        host=host or settings.host,
-        port=settings.port if port is None else port,
-        log_config=None,
-        proxy_headers=True,
-        server_header=False,
-    )
+    serve(create_app(settings), settings, host=host or settings.host, port=port)
     return 0
 
 

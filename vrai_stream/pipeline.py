@@ -16,7 +16,7 @@ from typing import Any
 
 import anyio
 
-from . import errors
+from . import errors, metrics
 from .auth import ANONYMOUS
 from .debug_store import CopyContext, DebugCopies, DebugStore
 from .ingest import BodyMeter, limited
@@ -109,7 +109,7 @@ class Pipeline:
         self._disk = disk
         self._transcriber = transcriber
         self._debug = debug
-        self._tmp_dir = tmp_dir
+        self.tmp_dir = tmp_dir
 
     async def run(self, spec: JobSpec, chunks: AsyncIterator[bytes], result: JobResult) -> None:
         """Fill `result` as the job goes, so a failure still reports how far it got."""
@@ -189,7 +189,7 @@ class Pipeline:
                 else:
                     # ffmpeg must seek in this layout: the body goes to disk first.
                     source = cleanup.enter_context(
-                        FileSpool(disk=self._disk, tmp_dir=self._tmp_dir, suffix=".input")
+                        FileSpool(disk=self._disk, tmp_dir=self.tmp_dir, suffix=".input")
                     )
 
                     async def write(chunk: bytes) -> None:
@@ -232,6 +232,9 @@ class Pipeline:
         """Wait for ffmpeg, then transcribe its MP3 (or keep it); return what went wrong."""
         outcome = await ffmpeg.wait()
         result.timings.transcode = outcome.seconds
+        metrics.FFMPEG_EXITS.labels(
+            status="timeout" if outcome.timed_out else str(outcome.returncode)
+        ).inc()
         if outcome.returncode != 0:
             return explain_failure(outcome)
         mp3 = output.read_all()
@@ -258,7 +261,7 @@ class Pipeline:
             memory_cap=self._settings.spool_memory_bytes,
             memory=self._memory,
             disk=self._disk,
-            tmp_dir=self._tmp_dir,
+            tmp_dir=self.tmp_dir,
         )
 
     async def _transcribe(self, spec: JobSpec, output: Spool, result: JobResult) -> Transcript:

@@ -40,6 +40,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8080
     log_level: str = "info"
+    drain_seconds: float = 25.0
 
     # Request limits
     max_window_seconds: float = 300.0
@@ -150,6 +151,7 @@ class Settings:
             log_level=reader.choice(
                 "VRAI_LOG_LEVEL", ("debug", "info", "warning", "error"), cls.log_level
             ),
+            drain_seconds=reader.number("VRAI_DRAIN_SECONDS", cls.drain_seconds, minimum=0),
             max_window_seconds=reader.number(
                 "VRAI_MAX_WINDOW_SECONDS", cls.max_window_seconds, minimum=1
             ),

@@ -8,15 +8,23 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import tempfile
 from pathlib import Path
 from types import TracebackType
 from typing import IO
 
+from . import metrics
 from .errors import DiskFull
 
 TEMP_PREFIX = "vrai-"
 """Every temp file the service creates starts with this, so leftovers are recognizable."""
+
+
+def _own_prefix() -> str:
+    """`vrai-<pid>-`: a leftover names the process that made it, dead or alive."""
+    return f"{TEMP_PREFIX}{os.getpid()}-"
+
 
 logger = logging.getLogger("vrai_stream.spool")
 
@@ -50,7 +58,7 @@ class Spool:
         self._disk = disk
         # Rollover is ours to decide (max_size=0 turns off the automatic one).
         self._file = tempfile.SpooledTemporaryFile(  # noqa: SIM115 - closed by close()
-            max_size=0, mode="w+b", dir=str(tmp_dir), prefix=TEMP_PREFIX, suffix=".spool"
+            max_size=0, mode="w+b", dir=str(tmp_dir), prefix=_own_prefix(), suffix=".spool"
         )
         self._reserved = 0
         self._on_disk_bytes = 0
@@ -118,6 +126,7 @@ class Spool:
         try:
             self._file.close()
         except OSError:
+            metrics.CLEANUP_FAILURES.inc()
             logger.warning("could not delete a spool file", exc_info=True)
 
     def __enter__(self) -> Spool:
@@ -138,7 +147,7 @@ class FileSpool:
     def __init__(self, *, disk: Budget, tmp_dir: Path, suffix: str = ".input") -> None:
         self._disk = disk
         self._file = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed by close()
-            mode="wb", dir=tmp_dir, prefix=TEMP_PREFIX, suffix=suffix
+            mode="wb", dir=tmp_dir, prefix=_own_prefix(), suffix=suffix
         )
         self.path = Path(self._file.name)
         self.size = 0
@@ -172,6 +181,7 @@ class FileSpool:
         try:
             self._file.close()
         except OSError:
+            metrics.CLEANUP_FAILURES.inc()
             logger.warning("could not delete an input spool file", exc_info=True)
 
     def __enter__(self) -> FileSpool:
@@ -193,7 +203,7 @@ def _disk_full() -> DiskFull:
 def usable_tmp_dir(preferred: Path) -> Path:
     """`preferred` if the service can write there, else the system's temp folder."""
     try:
-        with tempfile.TemporaryFile(dir=preferred, prefix=TEMP_PREFIX):
+        with tempfile.TemporaryFile(dir=preferred, prefix=_own_prefix()):
             return preferred
     except OSError as exc:
         fallback = Path(tempfile.gettempdir())
@@ -202,3 +212,36 @@ def usable_tmp_dir(preferred: Path) -> Path:
             extra={"tmpDir": str(preferred), "fallback": str(fallback), "error": exc.strerror},
         )
         return fallback
+
+
+def sweep_leftovers(tmp_dir: Path) -> int:
+    """Delete temp files that a crashed predecessor left; returns how many.
+
+    Only files whose name carries the pid of a process that no longer runs: another
+    instance sharing the folder keeps its files.  (Spools in memory or unnamed files
+    vanish with their process; only named input spools can be left behind.)
+    """
+    removed = 0
+    for path in tmp_dir.glob(f"{TEMP_PREFIX}*"):
+        pid_text = path.name[len(TEMP_PREFIX) :].split("-", 1)[0]
+        if not pid_text.isdigit() or _process_alive(int(pid_text)) or not path.is_file():
+            continue
+        try:
+            path.unlink()
+            removed += 1
+        except OSError:
+            metrics.CLEANUP_FAILURES.inc()
+            logger.warning("could not delete a leftover temp file", extra={"path": str(path)})
+    if removed:
+        logger.warning("removed temp files left by a crashed process", extra={"count": removed})
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return True

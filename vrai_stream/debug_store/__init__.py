@@ -70,6 +70,9 @@ class DebugStore(Protocol):
 
     def begin(self, context: CopyContext) -> DebugCopies: ...
 
+    async def wait_idle(self) -> None:
+        """Return once no upload is under way (at shutdown, before cancelling the rest)."""
+
     async def aclose(self) -> None: ...
 
 
@@ -103,6 +106,9 @@ class OffStore:
 
     def begin(self, context: CopyContext) -> DebugCopies:
         return NoCopies()
+
+    async def wait_idle(self) -> None:
+        return None
 
     async def aclose(self) -> None:
         return None

@@ -32,6 +32,9 @@ class FolderStore:
         sampled = random.random() < self._sample_rate  # noqa: S311 - sampling, not security
         return FolderCopies(self.root, context, keep_on_success=sampled)
 
+    async def wait_idle(self) -> None:
+        return None
+
     async def aclose(self) -> None:
         return None
 

@@ -49,6 +49,9 @@ class S3Store:
         self._client_lock = anyio.Lock()
         self._exit_stack = contextlib.AsyncExitStack()
         self._background: anyio.abc.TaskGroup | None = None
+        self._pending = 0
+        self._idle = anyio.Event()
+        self._idle.set()
 
     def start(self, background: anyio.abc.TaskGroup) -> None:
         """Run uploads in `background`, which outlives requests; check the bucket once."""
@@ -57,7 +60,22 @@ class S3Store:
 
     def spawn(self, job: Callable[[], Coroutine[Any, Any, None]]) -> None:
         assert self._background is not None, "S3Store.start() was not called"
-        self._background.start_soon(job)
+        if self._pending == 0:
+            self._idle = anyio.Event()
+        self._pending += 1
+
+        async def tracked() -> None:
+            try:
+                await job()
+            finally:
+                self._pending -= 1
+                if self._pending == 0:
+                    self._idle.set()
+
+        self._background.start_soon(tracked)
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
 
     async def client(self) -> Any:
         """The S3 client, created on first use: importing aioboto3 takes half a second."""
