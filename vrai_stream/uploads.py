@@ -17,14 +17,15 @@ from types import TracebackType
 from typing import Protocol
 
 import anyio
+import anyio.lowlevel
 
 from . import errors
 
 READ_BACK_BYTES = 64 * 1024
 """Chunk size when spooled audio is read back: the same as uvicorn's high-water mark."""
 FEED_BYTES = 16 * 1024
-"""The most a decoder is fed at once: dense hostile JSON costs about 0.5 us a byte, and the
-event loop gets a turn between feeds."""
+"""The most a decoder is fed at once: dense hostile JSON costs up to about 1 us a byte, and
+the event loop gets a turn between feeds."""
 
 
 @dataclass(frozen=True)

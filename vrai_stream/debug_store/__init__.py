@@ -7,6 +7,7 @@ blocks and never fails the job: a store that falls behind abandons its copy inst
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from dataclasses import dataclass
@@ -114,6 +115,8 @@ class OffStore:
         return None
 
 
+logger = logging.getLogger("vrai_stream.debug_store")
+
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -178,5 +181,12 @@ def create_store(settings: Settings) -> DebugStore:
     if settings.debug_store == "dir":
         from .folder import FolderStore
 
-        return FolderStore(settings)
+        try:
+            return FolderStore(settings)
+        except OSError as exc:
+            # A read-only folder must not stop the service: it runs without copies.
+            logger.warning(
+                "debug folder is not writable; debug copies are off",
+                extra={"folder": str(settings.debug_dir), "error": exc.strerror},
+            )
     return OffStore()

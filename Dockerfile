@@ -1,0 +1,31 @@
+# syntax=docker/dockerfile:1
+# vrai-stream on Debian bookworm slim with Debian's ffmpeg: the same ffmpeg the tests use.
+
+FROM python:3.11-slim-bookworm AS build
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1
+RUN python -m venv /opt/venv
+# Dependencies first, pinned with hashes: this layer changes only when the lock does.
+COPY requirements.lock /tmp/requirements.lock
+RUN /opt/venv/bin/pip install --require-hashes --no-deps -r /tmp/requirements.lock
+COPY pyproject.toml README.md /src/
+COPY vrai_stream /src/vrai_stream
+RUN /opt/venv/bin/pip install --no-deps /src
+
+FROM python:3.11-slim-bookworm
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ffmpeg \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin vrai
+COPY --from=build /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    HOST=0.0.0.0 \
+    PORT=8080 \
+    VRAI_TMP_DIR=/tmp \
+    VRAI_DEBUG_DIR=/tmp/debug-copies
+USER 10001
+EXPOSE 8080
+CMD ["vrai-stream", "serve", "--host", "0.0.0.0", "--port", "8080"]
