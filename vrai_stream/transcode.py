@@ -12,7 +12,7 @@ import contextlib
 import math
 import re
 import shutil
-import subprocess
+import subprocess  # ffmpeg runs from an argv list, never a shell  # nosec B404
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager

@@ -29,7 +29,7 @@ class FolderStore:
         return None
 
     def begin(self, context: CopyContext) -> DebugCopies:
-        sampled = random.random() < self._sample_rate  # noqa: S311 - sampling, not security
+        sampled = random.random() < self._sample_rate  # noqa: S311 - sampling, not security  # nosec B311
         return FolderCopies(self.root, context, keep_on_success=sampled)
 
     async def wait_idle(self) -> None:

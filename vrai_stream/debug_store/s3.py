@@ -112,7 +112,7 @@ class S3Store:
             logger.info("debug bucket reachable", extra={"bucket": self.bucket})
 
     def begin(self, context: CopyContext) -> DebugCopies:
-        sampled = random.random() < self.sample_rate  # noqa: S311 - sampling, not security
+        sampled = random.random() < self.sample_rate  # noqa: S311 - sampling, not security  # nosec B311
         return S3Copies(self, context, sampled=sampled)
 
     async def aclose(self) -> None:
