@@ -49,8 +49,9 @@ def test_the_derived_jobs_fit_the_budget(limit_mb: int, env: dict[str, str]) -> 
 
 def test_a_1gb_fly_machine_with_openai_and_s3() -> None:
     plan = plan_memory(Settings.from_env(PRODUCTION), 1024 * MiB, "FLY_VM_MEMORY_MB")
-    assert plan.max_jobs == 16
-    # Every job at its worst (S3 buffer full, spool at its cap) still leaves a quarter free.
+    assert plan.max_jobs == 7
+    # Every job at its worst (ffmpeg at its cap, S3 buffer full, spool at its cap) still
+    # leaves a quarter free.
     assert plan.reserved_bytes + plan.max_jobs * plan.per_job_bytes < 0.75 * 1024 * MiB
 
 
@@ -58,6 +59,14 @@ def test_the_local_model_leaves_fewer_jobs_on_a_small_machine() -> None:
     local = plan_memory(Settings.from_env({}), 512 * MiB, "test")
     remote = plan_memory(Settings.from_env(PRODUCTION), 512 * MiB, "test")
     assert local.max_jobs < remote.max_jobs
+
+
+def test_lifting_the_ffmpeg_cap_is_planned_for() -> None:
+    capped = plan_memory(Settings.from_env(PRODUCTION), 2048 * MiB, "test")
+    uncapped_settings = Settings.from_env({**PRODUCTION, "VRAI_FFMPEG_MEMORY_BYTES": "0"})
+    uncapped = plan_memory(uncapped_settings, 2048 * MiB, "test")
+    assert uncapped_settings.ffmpeg_memory_bytes is None
+    assert uncapped.max_jobs < capped.max_jobs
 
 
 def test_explicit_settings_win() -> None:

@@ -78,7 +78,7 @@ def sniff(head: bytes, *, complete: bool) -> Layout | None:
         return None
     if head[:4] == b"caff":
         return _sniff_caf(head, complete)
-    if head[4:8] == b"ftyp":
+    if head[4:8] == b"ftyp" or head[4:8] in _QUICKTIME_FIRST_BOXES:
         return _sniff_mp4(head, complete)
     return Layout(_simple_container(head), Mode.STREAM)
 
@@ -139,10 +139,12 @@ def _sniff_caf(head: bytes, complete: bool) -> Layout | None:
 
 # MP4/MOV/3GP: boxes of (uint32 size, type), size 1 = a 64-bit size follows, 0 = to the end.
 _MP4_BRANDS = {b"3gp": "3gp", b"3g2": "3gp", b"qt ": "mov"}
+_QUICKTIME_FIRST_BOXES = frozenset({b"moov", b"mdat", b"wide", b"free", b"skip", b"pnot"})
+"""QuickTime files need not start with `ftyp` (older Apple tools begin with these)."""
 
 
 def _sniff_mp4(head: bytes, complete: bool) -> Layout | None:
-    container = _MP4_BRANDS.get(head[8:11], "mp4")
+    container = _MP4_BRANDS.get(head[8:11], "mp4") if head[4:8] == b"ftyp" else "mov"
     offset = 0
     while True:
         if offset + 8 > len(head):

@@ -484,11 +484,10 @@ class LegacyJsonDecoder:
         if len(self._hex) == 4:
             self._state = _STRING
             if self._sink == _BLOB:
-                code_point = int(self._hex, 16)
-                if code_point >= 0x80:
-                    assert self._blob is not None
-                    raise self._blob.invalid(f"U+{code_point:04X} is not a base64 character")
-                self._string_run(bytes((code_point,)), events)
+                # As if written raw: the base64 refuses what is not ASCII, a data URL's
+                # media type (which is not looked into) lets it be.
+                char = chr(int(self._hex, 16)).encode("utf-8", "surrogatepass")
+                self._string_run(char, events)
 
     def _end_string(self, i: int, events: list[Event]) -> None:
         if self._in_key:
@@ -644,7 +643,8 @@ class _Base64Stream:
             return b""
         wrong = clean.translate(None, _ALPHABET)
         if wrong:
-            raise self.invalid(f"{_show(wrong[0])} is not a base64 character")
+            what = "a non-ASCII character" if wrong[0] >= 0x80 else _show(wrong[0])
+            raise self.invalid(f"{what} is not a base64 character")
         if self._padding_left is not None:
             if clean.count(b"=") != len(clean) or len(clean) > self._padding_left:
                 raise self.invalid("there is more after its final '=' padding")

@@ -29,8 +29,12 @@ FFMPEG_SHARED_BYTES = 40 * MiB
 LOCAL_MODEL_BYTES = 320 * MiB
 """faster-whisper with `tiny.en` loaded, plus one transcription's working memory."""
 
-FFMPEG_PRIVATE_BYTES = 12 * MiB
-"""One ffmpeg's own memory while decoding a phone recording and encoding MP3."""
+FFMPEG_UNCAPPED_BYTES = 256 * MiB
+"""What to assume of one ffmpeg when `VRAI_FFMPEG_MEMORY_BYTES=0` lifts its cap.
+
+Typically one ffmpeg has 10-12 MiB of its own; the plan counts the worst an upload can
+make it take, which is the cap.
+"""
 
 JOB_OVERHEAD_BYTES = 2 * MiB
 """Sniffed head, socket and pipe buffers, and Python objects of one job."""
@@ -87,7 +91,8 @@ def per_job_bytes(settings: Settings) -> int:
     debug_buffer = settings.debug_buffer_bytes if settings.debug_store == "s3" else 0
     # The output spool, and the copy made of it to count frames and hand to the copies.
     spool = 2 * settings.spool_memory_bytes
-    return FFMPEG_PRIVATE_BYTES + JOB_OVERHEAD_BYTES + spool + debug_buffer
+    ffmpeg = settings.ffmpeg_memory_bytes or FFMPEG_UNCAPPED_BYTES
+    return ffmpeg + JOB_OVERHEAD_BYTES + spool + debug_buffer
 
 
 def reserved_bytes(settings: Settings) -> int:

@@ -208,7 +208,11 @@ class Pipeline:
 
     def _command(self, spec: JobSpec, input_path: Path | None = None) -> list[str]:
         return build_command(
-            self._ffmpeg, spec.window, self._settings.mp3_bitrate_kbps, input_path=input_path
+            self._ffmpeg,
+            spec.window,
+            self._settings.mp3_bitrate_kbps,
+            input_path=input_path,
+            memory_limit_bytes=self._settings.ffmpeg_memory_bytes,
         )
 
     def _ffmpeg_run(

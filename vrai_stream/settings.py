@@ -58,6 +58,7 @@ class Settings:
     ffmpeg: str | None = None
     mp3_bitrate_kbps: int = 32
     ffmpeg_timeout_seconds: float = 120.0
+    ffmpeg_memory_bytes: int | None = 64 * MiB
     spool_memory_bytes: int = 2 * MiB
     spool_memory_total_bytes: int | None = None
     spool_disk_total_bytes: int | None = None
@@ -177,6 +178,8 @@ class Settings:
             ffmpeg_timeout_seconds=reader.number(
                 "VRAI_FFMPEG_TIMEOUT_SECONDS", cls.ffmpeg_timeout_seconds, minimum=1
             ),
+            ffmpeg_memory_bytes=reader.integer("VRAI_FFMPEG_MEMORY_BYTES", 64 * MiB, minimum=0)
+            or None,
             spool_memory_bytes=reader.integer(
                 "VRAI_SPOOL_MEMORY_BYTES", cls.spool_memory_bytes, minimum=0
             ),

@@ -85,7 +85,11 @@ class Window:
 
 
 def build_command(
-    ffmpeg: str, window: Window, bitrate_kbps: int, input_path: Path | None = None
+    ffmpeg: str,
+    window: Window,
+    bitrate_kbps: int,
+    input_path: Path | None = None,
+    memory_limit_bytes: int | None = None,
 ) -> list[str]:
     """ffmpeg's argv.  `input_path` is the service's own spool; otherwise stdin is read.
 
@@ -97,6 +101,7 @@ def build_command(
     else:
         source = ["-nostdin", "-protocol_whitelist", "file", "-i", f"file:{input_path}"]
     return [
+        *_memory_limit(memory_limit_bytes),
         ffmpeg,
         "-hide_banner",
         "-loglevel",
@@ -128,6 +133,17 @@ def build_command(
         "mp3",
         "pipe:1",
     ]
+
+
+def _memory_limit(limit_bytes: int | None) -> list[str]:
+    """Cap ffmpeg's memory: a few kilobytes of MP4 tables can declare millions of packets,
+    and ffmpeg builds every track's index up front.  `prlimit` (util-linux, in every
+    Debian image) sets RLIMIT_DATA and execs ffmpeg, so the PID stays the same.
+    """
+    prlimit = shutil.which("prlimit")
+    if not limit_bytes or prlimit is None:
+        return []
+    return [prlimit, f"--data={limit_bytes}", "--"]
 
 
 @dataclass(frozen=True)
@@ -295,7 +311,9 @@ def explain_failure(outcome: TranscodeOutcome) -> errors.ServiceError:
         )
     if "matches no streams" in lowered or "does not contain any stream" in lowered:
         return errors.UndecodableAudio("The file contains no audio stream")
-    if "moov atom not found" in lowered or "partial file" in lowered:
+    if any(
+        sign in lowered for sign in ("moov atom not found", "partial file", "missing packet table")
+    ):
         return errors.UndecodableAudio(
             "The file is incomplete or its index is missing (truncated upload?)"
         )
