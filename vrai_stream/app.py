@@ -121,6 +121,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Route("/metrics", prometheus_metrics, methods=["GET"]),
             Route("/openapi.json", openapi_document, methods=["GET"]),
             Route("/v1/transcriptions", routes.transcriptions, methods=["POST"]),
+            Route("/v1/audio/transcriptions", routes.openai_transcriptions, methods=["POST"]),
+            Route("/trim-and-transcribe", routes.trim_and_transcribe, methods=["POST"]),
+            Route(
+                "/trim-and-transcribe-multipart",
+                routes.trim_and_transcribe_multipart,
+                methods=["POST"],
+            ),
         ],
         exception_handlers={HTTPException: http_error, Exception: unexpected_error},
         lifespan=lifespan,

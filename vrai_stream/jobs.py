@@ -8,10 +8,10 @@ into its JSON response, and logs and counts the request whatever happened.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 from starlette.requests import ClientDisconnect, Request
@@ -19,20 +19,26 @@ from starlette.responses import Response
 
 from . import errors, metrics
 from .auth import ANONYMOUS
-from .ingest import check_declared_length
+from .ingest import BodyMeter, check_declared_length, limited
 from .pipeline import JobResult, JobSpec
 from .responses import error_response
+from .settings import MiB
 from .summarize import SummarizationType
 from .telemetry import log_request
+from .uploads import BodyDecoder, Upload, read_upload
 
 if TYPE_CHECKING:
     from .app import Services
 
 
+ErrorStyle = Literal["service", "openai"]
+
+
 class HttpJob:
-    def __init__(self, request: Request, endpoint: str) -> None:
+    def __init__(self, request: Request, endpoint: str, *, error_style: ErrorStyle = "service"):
         self.request = request
         self.endpoint = endpoint
+        self.error_style = error_style
         self.services: Services = request.app.state.services
         self.request_id = uuid.uuid4().hex
         self.user_id = ANONYMOUS
@@ -54,7 +60,9 @@ class HttpJob:
     ) -> bool:
         if isinstance(exc, errors.ServiceError):
             self.failure = exc
-            self.response = error_response(exc, self.request_id)
+            self.response = error_response(
+                exc, self.request_id, openai=self.error_style == "openai"
+            )
             if not self._body_started:
                 # Refused before reading: close, or the client would upload it all for nothing.
                 self.response.headers["Connection"] = "close"
@@ -73,8 +81,14 @@ class HttpJob:
         principal = await self.services.auth.authenticate(self.request.headers.get("authorization"))
         self.user_id = principal.user_id
 
-    def check_body_length(self) -> None:
-        check_declared_length(self.request.headers, self.services.settings.max_body_bytes)
+    @property
+    def encoded_body_limit(self) -> int:
+        """A body carrying the audio as base64 or in a form: 4/3 of it, plus room for fields."""
+        return self.services.settings.max_body_bytes * 4 // 3 + MiB
+
+    def check_body_length(self, *, encoded: bool = False) -> None:
+        limit = self.encoded_body_limit if encoded else self.services.settings.max_body_bytes
+        check_declared_length(self.request.headers, limit)
 
     @asynccontextmanager
     async def admitted(self) -> AsyncIterator[None]:
@@ -84,6 +98,22 @@ class HttpJob:
     def body(self) -> AsyncIterator[bytes]:
         self._body_started = True
         return request_body(self.request)
+
+    async def read_upload(self, decoder: BodyDecoder, required: Collection[str]) -> Upload:
+        """Read a form or JSON body until the fields in `required` are known (see `uploads`)."""
+        settings = self.services.settings
+        raw = limited(
+            self.body(),
+            max_bytes=self.encoded_body_limit,
+            idle_timeout=settings.idle_timeout_seconds,
+            meter=BodyMeter(),
+        )
+        return await read_upload(
+            raw,
+            decoder,
+            required=required,
+            make_spool=lambda: self.services.pipeline.new_file_spool(".upload"),
+        )
 
     def new_result(self, spec: JobSpec) -> JobResult:
         self.result = JobResult(spec=spec)

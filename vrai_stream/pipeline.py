@@ -188,9 +188,7 @@ class Pipeline:
                         failure = await self._finish(spec, ffmpeg, output, result, copies)
                 else:
                     # ffmpeg must seek in this layout: the body goes to disk first.
-                    source = cleanup.enter_context(
-                        FileSpool(disk=self._disk, tmp_dir=self.tmp_dir, suffix=".input")
-                    )
+                    source = cleanup.enter_context(self.new_file_spool(".input"))
 
                     async def write(chunk: bytes) -> None:
                         source.write(chunk)
@@ -267,6 +265,10 @@ class Pipeline:
             disk=self._disk,
             tmp_dir=self.tmp_dir,
         )
+
+    def new_file_spool(self, suffix: str) -> FileSpool:
+        """A named spool on disk, drawing on the same disk budget as the jobs' spools."""
+        return FileSpool(disk=self._disk, tmp_dir=self.tmp_dir, suffix=suffix)
 
     async def _transcribe(self, spec: JobSpec, output: Spool, result: JobResult) -> Transcript:
         transcriber = await self._transcriber()

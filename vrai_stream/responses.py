@@ -38,6 +38,13 @@ def mp3_response(result: JobResult) -> Response:
     return Response(result.mp3, media_type="audio/mpeg", headers=headers)
 
 
-def error_response(exc: errors.ServiceError, request_id: str) -> JSONResponse:
+def error_response(
+    exc: errors.ServiceError, request_id: str, *, openai: bool = False
+) -> JSONResponse:
+    """The error shape; `openai` adds OpenAI's `error` object, which OpenAI SDKs read."""
     headers = {"X-Request-Id": request_id, **exc.headers}
-    return JSONResponse(exc.body(request_id), status_code=exc.status, headers=headers)
+    body = exc.body(request_id)
+    if openai:
+        kind = "invalid_request_error" if exc.status < 500 else "server_error"
+        body["error"] = {"message": exc.message, "type": kind, "code": exc.code, "param": None}
+    return JSONResponse(body, status_code=exc.status, headers=headers)

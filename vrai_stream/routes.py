@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from . import errors
 from .ingest import parse_window
 from .jobs import HttpJob
+from .legacy_json import LegacyJsonDecoder
+from .multipart_upload import LEGACY_FILE_FIELD, OPENAI_FILE_FIELD, MultipartDecoder
 from .pipeline import JobSpec
 from .responses import mp3_response, success_body
 from .summarize import SummarizationType
+from .transcribers import TranscribeOptions, Transcript
+from .transcript_formats import RESPONSE_FORMATS, ResponseFormat, render
+from .uploads import BodyDecoder, Upload
 
 
 async def transcriptions(request: Request) -> Response:
@@ -39,3 +47,119 @@ async def transcriptions(request: Request) -> Response:
             )
     assert job.response is not None
     return job.response
+
+
+LEGACY_TIMES = ("fromTime", "toTime")
+
+
+async def trim_and_transcribe(request: Request) -> Response:
+    """`POST /trim-and-transcribe`: the old app's JSON, the recording base64 in `fileBlob`."""
+    return await _legacy(request, "legacy-json", LegacyJsonDecoder)
+
+
+async def trim_and_transcribe_multipart(request: Request) -> Response:
+    """`POST /trim-and-transcribe-multipart`: the old app's form, the recording in `audio`."""
+
+    def decoder() -> BodyDecoder:
+        return MultipartDecoder(
+            request.headers.get("content-type"),
+            file_field=LEGACY_FILE_FIELD,
+            fields=(*LEGACY_TIMES, "summarizationType"),
+        )
+
+    return await _legacy(request, "legacy-multipart", decoder)
+
+
+async def _legacy(
+    request: Request, endpoint: str, make_decoder: Callable[[], BodyDecoder]
+) -> Response:
+    async with HttpJob(request, endpoint) as job:
+        await job.authenticate()
+        settings = job.services.settings
+        job.check_body_length(encoded=True)
+        decoder = make_decoder()  # a malformed Content-Type is a 400 before the body is read
+        async with job.admitted(), await job.read_upload(decoder, LEGACY_TIMES) as upload:
+            # As the old service checked it: 0 <= fromTime < toTime <= 300.
+            window = parse_window(
+                _text_fields(upload),
+                max_window_seconds=settings.max_window_seconds,
+                max_end=settings.max_window_seconds,
+            )
+            summary = SummarizationType.parse(upload.fields.get("summarizationType"))
+            job.services.summarizer.check(summary)
+            spec = JobSpec(request_id=job.request_id, window=window, user_id=job.user_id)
+            result = await job.run(spec, upload.audio)
+            # A summarizationType sent after the recording is known only now.
+            summary = SummarizationType.parse(upload.fields.get("summarizationType"))
+        job.services.summarizer.check(summary)
+        text = result.transcript.text if result.transcript else ""
+        extra = await job.summarize(summary, text)
+        job.response = JSONResponse(
+            {**success_body(result), **extra}, headers={"X-Request-Id": job.request_id}
+        )
+    assert job.response is not None
+    return job.response
+
+
+OPENAI_FIELDS = ("model", "language", "prompt", "response_format", "temperature", *LEGACY_TIMES)
+
+
+async def openai_transcriptions(request: Request) -> Response:
+    """`POST /v1/audio/transcriptions`: OpenAI's API, so any OpenAI SDK can point here."""
+    async with HttpJob(request, "openai", error_style="openai") as job:
+        await job.authenticate()
+        settings = job.services.settings
+        job.check_body_length(encoded=True)
+        decoder = MultipartDecoder(
+            request.headers.get("content-type"), file_field=OPENAI_FILE_FIELD, fields=OPENAI_FIELDS
+        )
+        # OpenAI SDKs send the form fields before the file, so the audio streams; a client
+        # that sends the file first has it spooled until `model` (always sent) arrives.
+        async with job.admitted(), await job.read_upload(decoder, ("model",)) as upload:
+            fields = _text_fields(upload)
+            response_format = _response_format(fields.get("response_format"))
+            window = parse_window(fields, max_window_seconds=settings.max_window_seconds)
+            spec = JobSpec(
+                request_id=job.request_id,
+                window=window,
+                user_id=job.user_id,
+                options=TranscribeOptions(
+                    language=fields.get("language") or None,
+                    prompt=fields.get("prompt") or None,
+                    temperature=_temperature(fields.get("temperature")),
+                ),
+            )
+            result = await job.run(spec, upload.audio)
+        transcript = result.transcript or Transcript(text="")
+        job.response = render(transcript, response_format, result.duration)
+        job.response.headers["X-Request-Id"] = job.request_id
+    assert job.response is not None
+    return job.response
+
+
+def _text_fields(upload: Upload) -> dict[str, str]:
+    """The form's fields that have a value, as text (JSON nulls dropped)."""
+    return {name: value for name, value in upload.fields.items() if value is not None}
+
+
+def _response_format(raw: str | None) -> ResponseFormat:
+    if not raw:
+        return "json"
+    for known in RESPONSE_FORMATS:
+        if raw == known:
+            return known
+    raise errors.InvalidParameters(
+        f"response_format must be one of {', '.join(RESPONSE_FORMATS)}; got {raw[:40]!r}"
+    )
+
+
+def _temperature(raw: str | None) -> float | None:
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise errors.InvalidParameters("temperature must be a number from 0 to 1") from None
+    if not 0 <= value <= 1:
+        raise errors.InvalidParameters("temperature must be a number from 0 to 1")
+    return value
