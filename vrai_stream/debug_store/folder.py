@@ -81,7 +81,7 @@ class FolderCopies:
         self._partial = None
 
     def add_output(self, mp3: bytes) -> None:
-        if self._keys is None or self._broken:
+        if self._keys is None or self._broken or not mp3:
             return
         path = self._path(self._keys.output)
         try:

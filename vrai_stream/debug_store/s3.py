@@ -9,6 +9,7 @@ never waits for S3.  Endpoint and credentials come from the standard `AWS_*` var
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import logging
 import random
@@ -119,6 +120,10 @@ class S3Store:
         await self._exit_stack.aclose()
 
 
+class _Abandoned(Exception):
+    """A part upload cut short by `abandon()`."""
+
+
 class StreamingUpload:
     """One object, uploaded as its bytes arrive, never buffering more than a bound."""
 
@@ -143,6 +148,7 @@ class StreamingUpload:
         self.completed = False
         self.done = anyio.Event()
         self._wakeup = anyio.Event()
+        self._part_in_flight: anyio.CancelScope | None = None
 
     def offer(self, chunk: bytes) -> None:
         if self.abandoned or self.done.is_set():
@@ -166,6 +172,10 @@ class StreamingUpload:
         self.abandoned = True
         self._buffer.clear()
         self._wakeup.set()
+        # A doomed part must not keep crawling up a slow S3, holding its bytes, a connection
+        # and the multipart upload for as long as that takes.
+        if self._part_in_flight is not None:
+            self._part_in_flight.cancel()
 
     async def run(self) -> None:
         """Upload until closed or abandoned; whatever happens, leave no multipart behind."""
@@ -202,7 +212,8 @@ class StreamingUpload:
                     self.completed = True
                     metrics.DEBUG_COPIES.labels(copy=self._what, outcome="stored").inc()
                     return
-                part = bytes(self._buffer[:part_bytes])
+                with memoryview(self._buffer) as view:
+                    part = bytes(view[:part_bytes])  # one copy, not two
                 del self._buffer[:part_bytes]
                 self._in_flight = len(part)
                 if upload_id is None:
@@ -215,6 +226,8 @@ class StreamingUpload:
                     upload_id = created["UploadId"]
                 parts.append(await self._upload_part(client, upload_id, parts, part))
                 self._in_flight = 0
+        except _Abandoned:
+            pass
         except Exception as exc:
             logger.warning("debug copy failed", extra={"key": self.key, "error": _describe(exc)})
             metrics.DEBUG_COPIES.labels(copy=self._what, outcome="failed").inc()
@@ -236,27 +249,44 @@ class StreamingUpload:
         self, client: Any, upload_id: str, parts: list[dict[str, Any]], body: bytes
     ) -> dict[str, Any]:
         number = len(parts) + 1
-        response = await client.upload_part(
-            Bucket=self._store.bucket,
-            Key=self.key,
-            UploadId=upload_id,
-            PartNumber=number,
-            Body=body,
-        )
-        return {"ETag": response["ETag"], "PartNumber": number}
+        with anyio.CancelScope() as scope:
+            self._part_in_flight = scope
+            if self.abandoned:
+                scope.cancel()
+            try:
+                response = await client.upload_part(
+                    Bucket=self._store.bucket,
+                    Key=self.key,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    Body=body,
+                )
+            finally:
+                self._part_in_flight = None
+            return {"ETag": response["ETag"], "PartNumber": number}
+        raise _Abandoned
 
     async def _abort(self, client: Any, upload_id: str) -> None:
+        """Abort, retrying while S3 is unreachable, until a deadline (shutdown included)."""
+        error = "TimeoutError"
+        delay = 0.25
         with anyio.CancelScope(shield=True), anyio.move_on_after(ABORT_TIMEOUT_SECONDS):
-            try:
-                await client.abort_multipart_upload(
-                    Bucket=self._store.bucket, Key=self.key, UploadId=upload_id
-                )
-                return
-            except Exception as exc:
-                logger.warning(
-                    "could not abort a multipart upload; the bucket's lifecycle rule will",
-                    extra={"key": self.key, "error": _describe(exc)},
-                )
+            while True:
+                try:
+                    await client.abort_multipart_upload(
+                        Bucket=self._store.bucket, Key=self.key, UploadId=upload_id
+                    )
+                    return
+                except Exception as exc:
+                    error = _describe(exc)
+                    if "NoSuchUpload" in error:
+                        return
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        logger.warning(
+            "could not abort a multipart upload; the bucket's lifecycle rule will",
+            extra={"key": self.key, "error": error},
+        )
 
 
 class S3Copies:
@@ -308,6 +338,8 @@ class S3Copies:
                 self._drop_held_input()
 
     def add_output(self, mp3: bytes) -> None:
+        if not mp3:
+            return  # no audio in the window: no MP3 worth keeping
         if not self._sampled:
             self._held_output = mp3
             return
@@ -318,9 +350,13 @@ class S3Copies:
 
     def abandon(self) -> None:
         for upload, what in ((self._input, "input"), (self._output, "output")):
-            if upload is not None and not upload.done.is_set():
+            if upload is None:
+                continue
+            if not upload.done.is_set():
                 upload.abandon()
                 metrics.DEBUG_COPIES.labels(copy=what, outcome="abandoned").inc()
+            # Already stored, or about to be (the MP3 of a window that ended early).
+            self._store.spawn(functools.partial(self._discard, upload))
         self._drop_held_input()
         self._held_output = None
 
@@ -358,6 +394,19 @@ class S3Copies:
         if self._held_input is not None:
             self._held_input.close()
             self._held_input = None
+
+    async def _discard(self, upload: StreamingUpload) -> None:
+        """A job that never finished keeps no copy."""
+        await upload.done.wait()
+        if not upload.completed:
+            return
+        try:
+            client = await self._store.client()
+            await client.delete_object(Bucket=self._store.bucket, Key=upload.key)
+        except Exception as exc:
+            logger.warning(
+                "debug copy not discarded", extra={"key": upload.key, "error": _describe(exc)}
+            )
 
     async def _stamp_success(self) -> None:
         """Mark the copies `outcome: ok` once they are stored (a server-side copy onto itself)."""
