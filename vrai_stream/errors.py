@@ -54,6 +54,24 @@ class EmptyBody(RefusedUpload):
     status, code = 400, "empty_body"
 
 
+class InvalidJson(RefusedUpload):
+    """The body is not the JSON object the legacy endpoint takes."""
+
+    status, code = 400, "invalid_json"
+
+
+class InvalidBase64(RefusedUpload):
+    """The legacy body's `fileBlob` is not base64."""
+
+    status, code = 400, "invalid_base64"
+
+
+class InvalidMultipart(RefusedUpload):
+    """Not a well-formed multipart/form-data request, or no usable boundary."""
+
+    status, code = 400, "invalid_multipart"
+
+
 class Unauthorized(RefusedUpload):
     status, code = 401, "unauthorized"
 
@@ -78,6 +96,12 @@ class UploadTimeout(RefusedUpload):
 
 class BodyTooLarge(RefusedUpload):
     status, code = 413, "body_too_large"
+
+
+class FieldTooLarge(RefusedUpload):
+    """A text field of a form or legacy JSON body over its cap (fields are kept in memory)."""
+
+    status, code = 413, "field_too_large"
 
 
 class UndecodableAudio(ServiceError):
@@ -140,12 +164,16 @@ ALL_ERRORS: tuple[type[ServiceError], ...] = (
     InvalidParameters,
     InvalidWindow,
     EmptyBody,
+    InvalidJson,
+    InvalidBase64,
+    InvalidMultipart,
     Unauthorized,
     AuthUnavailable,
     NotFound,
     MethodNotAllowed,
     UploadTimeout,
     BodyTooLarge,
+    FieldTooLarge,
     UndecodableAudio,
     UnsupportedFormat,
     NoAudioInWindow,

@@ -26,7 +26,8 @@ import re
 from collections.abc import Collection
 
 from . import errors
-from .uploads import AudioData, AudioEnd, AudioStart, Event, Field, FieldTooLarge
+from .errors import FieldTooLarge, InvalidBase64, InvalidJson
+from .uploads import AudioData, AudioEnd, AudioStart, Event, Field
 
 LEGACY_FIELDS = ("fromTime", "toTime", "summarizationType")
 BLOB_FIELD = "fileBlob"
@@ -36,18 +37,6 @@ MAX_DEPTH = 64
 MAX_KEY_BYTES = 256
 """Longer keys are skipped unread: none of the keys this decoder looks for is that long."""
 MAX_DATA_URL_PREFIX = 256
-
-
-class InvalidJson(errors.RefusedUpload):
-    """The body is not the JSON object the legacy endpoint takes. Belongs in `errors`."""
-
-    status, code = 400, "invalid_json"
-
-
-class InvalidBase64(errors.RefusedUpload):
-    """`fileBlob` is not base64. Belongs in `errors`."""
-
-    status, code = 400, "invalid_base64"
 
 
 class BlobStart(AudioStart):

@@ -20,7 +20,8 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import parse_options_header
 
 from . import errors
-from .uploads import AudioData, AudioEnd, AudioStart, Event, Field, FieldTooLarge
+from .errors import FieldTooLarge, InvalidMultipart
+from .uploads import AudioData, AudioEnd, AudioStart, Event, Field
 
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks
@@ -36,12 +37,6 @@ _BOUNDARY = re.compile(rb"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?
 
 python-multipart relies on it: a boundary with a CR in it could hide part of the data.
 """
-
-
-class InvalidMultipart(errors.RefusedUpload):
-    """Not a well-formed multipart/form-data request. Belongs in `errors`."""
-
-    status, code = 400, "invalid_multipart"
 
 
 class FileStart(AudioStart):

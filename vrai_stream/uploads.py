@@ -20,6 +20,7 @@ import anyio
 import anyio.lowlevel
 
 from . import errors
+from .errors import FieldTooLarge as FieldTooLarge  # re-exported: the decoders raise it
 
 READ_BACK_BYTES = 64 * 1024
 """Chunk size when spooled audio is read back: the same as uvicorn's high-water mark."""
@@ -69,15 +70,6 @@ class BodyDecoder(Protocol):
     def feed(self, data: bytes) -> Sequence[Event]: ...
 
     def close(self) -> Sequence[Event]: ...
-
-
-class FieldTooLarge(errors.RefusedUpload):
-    """A text field over its cap: fields are kept in memory, so each has a small one.
-
-    Belongs in `errors` (with `ALL_ERRORS`); defined here until it moves.
-    """
-
-    status, code = 413, "field_too_large"
 
 
 class DiskSpool(Protocol):
