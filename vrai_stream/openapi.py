@@ -47,6 +47,7 @@ _BODY_ERRORS = (
     errors.InvalidWindow,
     errors.EmptyBody,
     errors.Unauthorized,
+    errors.AuthUnavailable,
     errors.UploadTimeout,
     errors.BodyTooLarge,
     errors.UndecodableAudio,
@@ -61,6 +62,9 @@ _BODY_ERRORS = (
     errors.DiskFull,
     errors.InternalError,
 )
+
+_JSON_ERRORS = (*_BODY_ERRORS, errors.InvalidJson, errors.InvalidBase64, errors.FieldTooLarge)
+_FORM_ERRORS = (*_BODY_ERRORS, errors.InvalidMultipart, errors.FieldTooLarge)
 
 _SECONDS = {"type": "number", "minimum": 0}
 
@@ -165,6 +169,13 @@ def build_openapi() -> dict[str, Any]:
                     "responses": {"200": {"description": "Alive"}},
                 }
             },
+            "/openapi.json": {
+                "get": {
+                    "summary": "This description.",
+                    "security": [],
+                    "responses": {"200": {"description": "OpenAPI 3.1 JSON"}},
+                }
+            },
             "/metrics": {
                 "get": {
                     "summary": "Prometheus metrics.",
@@ -218,7 +229,7 @@ def build_openapi() -> dict[str, Any]:
                             "description": "The transcript",
                             "content": {"application/json": {"schema": success_ref}},
                         },
-                        **_error_responses(*_BODY_ERRORS),
+                        **_error_responses(*_JSON_ERRORS),
                     },
                 }
             },
@@ -245,7 +256,7 @@ def build_openapi() -> dict[str, Any]:
                             "description": "The transcript",
                             "content": {"application/json": {"schema": success_ref}},
                         },
-                        **_error_responses(*_BODY_ERRORS),
+                        **_error_responses(*_FORM_ERRORS),
                     },
                 }
             },
@@ -286,7 +297,7 @@ def build_openapi() -> dict[str, Any]:
                                 "text/vtt": {"schema": {"type": "string"}},
                             },
                         },
-                        **_error_responses(*_BODY_ERRORS),
+                        **_error_responses(*_FORM_ERRORS),
                     },
                 }
             },

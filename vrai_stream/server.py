@@ -4,6 +4,13 @@ uvicorn already closes its listener and waits for in-flight requests, up to
 `VRAI_DRAIN_SECONDS`, then cancels the rest (which kills their ffmpeg, deletes their
 spools and aborts their multipart uploads).  What it cannot know is that a request
 waiting in our queue should be turned away at once: that is what `handle_exit` adds.
+
+A request refused before its body is read (401, 503) is answered with `Connection: close`,
+so the client is not made to upload what nobody will read.  Closing a socket while the client
+is still sending makes the kernel answer its next bytes with a reset, and a client that reads
+only once it has sent its body (most HTTP/1.1 clients) then loses the response it had already
+received.  `StagedCloseProtocol` closes in stages (RFC 9112, 9.6): the response, then FIN,
+then up to `LINGER_SECONDS` (or `LINGER_BYTES`) of reading and discarding what still comes.
 """
 
 from __future__ import annotations
@@ -12,9 +19,11 @@ import asyncio
 import logging
 import socket
 from types import FrameType
+from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .settings import Settings
 
@@ -22,6 +31,83 @@ logger = logging.getLogger("vrai_stream.server")
 
 MAX_HEADER_BYTES = 16 * 1024
 """Requests with larger headers are refused by h11 before they reach the app."""
+
+
+LINGER_SECONDS = 2.0
+"""How long a refused client may go on sending after its answer, before the connection goes."""
+LINGER_BYTES = 4 * 1024 * 1024
+"""How much of what it sends is read and thrown away meanwhile, at most."""
+
+
+class _StagedTransport:
+    """The transport as uvicorn's request cycle sees it: `close()` closes in stages."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: StagedCloseProtocol) -> None:
+        self._transport = transport
+        self._protocol = protocol
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:
+        return self._protocol.lingering or self._transport.is_closing()
+
+    def close(self) -> None:
+        self._protocol.close_in_stages()
+
+
+class StagedCloseProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, with a staged close when the request body is unread."""
+
+    lingering = False
+    _discarded = 0
+    _linger_timer: asyncio.TimerHandle | None = None
+    _real_transport: asyncio.Transport
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._real_transport = transport
+        self.transport = _StagedTransport(transport, self)  # type: ignore[assignment]
+
+    def close_in_stages(self) -> None:
+        transport = self._real_transport
+        cycle = self.cycle
+        body_unread = cycle is not None and cycle.more_body and not cycle.disconnected
+        if self.lingering or transport.is_closing() or not body_unread:
+            self._close_now()
+            return
+        if not transport.can_write_eof():
+            self._close_now()
+            return
+        self.lingering = True
+        transport.write_eof()  # FIN once the response has gone out
+        transport.resume_reading()
+        self._linger_timer = self.loop.call_later(LINGER_SECONDS, self._close_now)
+
+    def _close_now(self) -> None:
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
+        self._real_transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self.lingering:
+            self._discarded += len(data)
+            if self._discarded > LINGER_BYTES:
+                self._close_now()
+            return
+        super().data_received(data)
+
+    def eof_received(self) -> None:
+        if self.lingering:
+            self._close_now()  # the client is done sending
+        super().eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
+        super().connection_lost(exc)
 
 
 class DrainingServer(uvicorn.Server):
@@ -53,5 +139,6 @@ def serve(app: Starlette, settings: Settings, *, host: str, port: int | None) ->
         server_header=False,
         timeout_graceful_shutdown=int(settings.drain_seconds),
         h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        http=StagedCloseProtocol,
     )
     DrainingServer(config, app).run()

@@ -7,12 +7,13 @@ and one disk `Budget`, so what spools hold stays bounded however many jobs run a
 from __future__ import annotations
 
 import errno
+import io
 import logging
 import os
 import tempfile
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, cast
 
 from . import metrics
 from .errors import DiskFull
@@ -108,9 +109,16 @@ class Spool:
         self._reserved = 0
 
     def reader(self) -> IO[bytes]:
-        """Rewind and hand out the underlying file for reading; the spool still owns it."""
+        """Rewind and hand out the data for reading; the spool still owns it.
+
+        While the data is in memory, the reader has no `fileno()`: asked for one, a
+        `SpooledTemporaryFile` rolls itself over to disk (httpx asks, to size a multipart
+        upload), behind the back of the disk budget and of `on_disk`.
+        """
         self._file.seek(0)
-        return self._file
+        if self.on_disk:
+            return self._file
+        return cast(IO[bytes], _MemoryReader(self._file))
 
     def read_all(self) -> bytes:
         return self.reader().read()
@@ -139,6 +147,32 @@ class Spool:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class _MemoryReader(io.BufferedIOBase):
+    """Reads, seeks and tells through to a file, and has no file descriptor to offer."""
+
+    def __init__(self, file: IO[bytes]) -> None:
+        super().__init__()
+        self._file = file
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        return self._file.read(-1 if size is None else size)
+
+    def read1(self, size: int = -1) -> bytes:
+        return self._file.read(size)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self._file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
 
 
 class FileSpool:
