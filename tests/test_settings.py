@@ -38,7 +38,7 @@ def test_defaults_are_the_documented_ones() -> None:
     assert settings.max_jobs is None  # derived from the machine's memory
     assert settings.max_queue is None
     assert settings.retry_after_seconds == 5
-    assert settings.mp3_bitrate_kbps == 32
+    assert settings.mp3_bitrate_kbps == 48
     assert settings.spool_memory_bytes == 2 * MiB
     assert settings.spool_memory_total_bytes is None
     assert settings.spool_disk_total_bytes is None

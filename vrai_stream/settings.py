@@ -56,7 +56,7 @@ class Settings:
 
     # ffmpeg and spools
     ffmpeg: str | None = None
-    mp3_bitrate_kbps: int = 32
+    mp3_bitrate_kbps: int = 48
     ffmpeg_timeout_seconds: float = 120.0
     ffmpeg_memory_bytes: int | None = 64 * MiB
     spool_memory_bytes: int = 2 * MiB
