@@ -115,7 +115,13 @@ class Spool:
         `SpooledTemporaryFile` rolls itself over to disk (httpx asks, to size a multipart
         upload), behind the back of the disk budget and of `on_disk`.
         """
-        self._file.seek(0)
+        try:
+            # On disk, rewinding flushes the file's buffer: the disk may be full only now.
+            self._file.seek(0)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise _disk_full() from exc
+            raise
         if self.on_disk:
             return self._file
         return cast(IO[bytes], _MemoryReader(self._file))
@@ -133,7 +139,9 @@ class Spool:
         self._on_disk_bytes = 0
         try:
             self._file.close()
-        except OSError:
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                return  # the final flush found the disk full; the file is gone all the same
             metrics.CLEANUP_FAILURES.inc()
             logger.warning("could not delete a spool file", exc_info=True)
 
