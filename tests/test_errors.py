@@ -398,7 +398,10 @@ async def wait_for_running_jobs(client: httpx.AsyncClient, count: int) -> None:
 async def test_disk_full_while_spooling_is_507_and_frees_its_share(
     make_server: Any, media: Path
 ) -> None:
-    server: Server = make_server(VRAI_SPOOL_MEMORY_BYTES="0", VRAI_SPOOL_DISK_TOTAL_BYTES="1000")
+    # 1000 bytes hold a short MP3 at 32 kbps (six 144-byte frames), not a long one.
+    server: Server = make_server(
+        VRAI_SPOOL_MEMORY_BYTES="0", VRAI_SPOOL_DISK_TOTAL_BYTES="1000", VRAI_MP3_BITRATE_KBPS="32"
+    )
     audio = (media / "padded.wav").read_bytes()
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
         # 11 s of MP3 output is far more than 1000 bytes of disk.

@@ -6,11 +6,13 @@ and one disk `Budget`, so what spools hold stays bounded however many jobs run a
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import IO, cast
@@ -72,12 +74,8 @@ class Spool:
             self._roll_over()
         if self.on_disk:
             self._claim_disk(len(data))
-        try:
+        with _disk_full_on_enospc():
             self._file.write(data)
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise _disk_full() from exc
-            raise
         self.size += len(data)
 
     def _claim_disk(self, nbytes: int) -> None:
@@ -95,12 +93,8 @@ class Spool:
 
     def _roll_over(self) -> None:
         self._claim_disk(self.size)
-        try:
+        with _disk_full_on_enospc():
             self._file.rollover()
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise _disk_full() from exc
-            raise
         self.on_disk = True
         self._release_memory()
 
@@ -115,13 +109,9 @@ class Spool:
         `SpooledTemporaryFile` rolls itself over to disk (httpx asks, to size a multipart
         upload), behind the back of the disk budget and of `on_disk`.
         """
-        try:
+        with _disk_full_on_enospc():
             # On disk, rewinding flushes the file's buffer: the disk may be full only now.
             self._file.seek(0)
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise _disk_full() from exc
-            raise
         if self.on_disk:
             return self._file
         return cast(IO[bytes], _MemoryReader(self._file))
@@ -140,7 +130,7 @@ class Spool:
         try:
             self._file.close()
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            if exc.errno in _NO_SPACE:
                 return  # the final flush found the disk full; the file is gone all the same
             metrics.CLEANUP_FAILURES.inc()
             logger.warning("could not delete a spool file", exc_info=True)
@@ -199,21 +189,13 @@ class FileSpool:
         if not self._disk.try_reserve(len(data)):
             raise _disk_full()
         self.size += len(data)
-        try:
+        with _disk_full_on_enospc():
             self._file.write(data)
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise _disk_full() from exc
-            raise
 
     def finish(self) -> None:
         """Flush, so ffmpeg reading the file by name sees every byte."""
-        try:
+        with _disk_full_on_enospc():
             self._file.flush()
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise _disk_full() from exc
-            raise
 
     def close(self) -> None:
         if self.closed:
@@ -236,6 +218,20 @@ class FileSpool:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def _disk_full_on_enospc() -> Iterator[None]:
+    """A full disk (or quota) while spooling is the client's 507, not our 500."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in _NO_SPACE:
+            raise _disk_full() from exc
+        raise
 
 
 def _disk_full() -> DiskFull:
