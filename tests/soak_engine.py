@@ -25,8 +25,8 @@ What one run does:
   uploads (once S3 is back), file descriptors and RSS against the warm baseline.
 
 Each transcribed request gets a window of a length no other recent one has (24 lengths, 2.0
-to 4.3 s): at 32 kbps the MP3's size then names the request in the fake's record, so a `502`
-can be checked against exactly the attempts that were made for it.  The fake (real Whisper)
+to 4.3 s): the MP3's size (frames of 36 ms) then names the request in the fake's record, so a
+`502` can be checked against exactly the attempts that were made for it.  The fake (real Whisper)
 has every one of those MP3s transcribed before a phase starts, so that what is slow upstream
 is what the faults made slow, not this machine's CPU.
 """
@@ -370,7 +370,7 @@ def mutate(data: bytes, mutation: str, rng: random.Random) -> bytes:
 class _LengthCycle:
     """Window lengths 2.0 .. 4.3 s in 0.1 s steps, in turn, each with its own recording.
 
-    At 32 kbps a 0.1 s step is 2 to 3 MP3 frames: the MP3's size names the request among the
+    A 0.1 s step is 2 to 3 MP3 frames of 36 ms: the MP3's size names the request among the
     23 transcriptions before and after it, and only 24 distinct MP3s ever go upstream, so the
     fake transcribes each once (see `prime_upstream`).
     """

@@ -399,8 +399,8 @@ async def test_real_enospc_on_the_output_spool_is_507(
 ) -> None:
     """The MP3 rolls to disk at once (no spool memory); the disk has 100 KB left for it.
 
-    60 s at 32 kbps is 240 KB of MP3: the spool's writes fail with ENOSPC part way; a 5 s
-    window's 20 KB fits afterwards, in the room the failed job gave back.
+    60 s of MP3 is 240 KB or more (32 kbps and up): the spool's writes fail with ENOSPC part
+    way; a 5 s window's 20-30 KB fits afterwards, in the room the failed job gave back.
     """
     disk = small_disk(leave_free=100 * 1024)
     server = disk.server
@@ -430,16 +430,17 @@ async def test_enospc_at_the_output_spools_last_flush_is_507_not_500(
     rewound to be read) must be a 507 too, never a 500; and a full disk is not a failure to
     delete a spool file (no warning, no `vrai_cleanup_failures_total`).
 
-    Half a second of MP3 is 16 frames, 2.3 KB, which ffmpeg writes at once when it ends: the
-    spool's file takes it into its buffer (a 4 KiB block on tmpfs) without touching the disk,
-    and the disk (filled to the last byte here) is only asked for room at the rewind.
+    0.3 s of MP3 is about 11 frames (1.6 KB at 32 kbps, 2.4 KB at 48), which ffmpeg writes
+    at once when it ends: the spool's file takes it into its buffer (a 4 KiB block on tmpfs)
+    without touching the disk, and the disk (filled to the last byte here) is only asked for
+    room at the rewind.
     """
     disk = small_disk(leave_free=0)
     server = disk.server
     tone = (media / "tone60.wav").read_bytes()
     async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
         response = await client.post(
-            f"{ENDPOINT}?fromTime=0&toTime=0.5",
+            f"{ENDPOINT}?fromTime=0&toTime=0.3",
             content=chunked(tone[:400_000]),
             headers={"Accept": "audio/mpeg"},
         )
