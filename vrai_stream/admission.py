@@ -30,6 +30,8 @@ class Admission:
         self._slots = anyio.Semaphore(max_jobs)
         self.running = 0
         self.waiting = 0
+        self.finished = 0
+        """Jobs that held a slot and let it go, since start-up."""
         self._closing = anyio.Event()
 
     @property
@@ -79,4 +81,5 @@ class Admission:
             yield
         finally:
             self.running -= 1
+            self.finished += 1
             self._slots.release()

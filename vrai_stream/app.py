@@ -24,6 +24,7 @@ from . import errors, metrics, routes
 from .admission import Admission
 from .auth import Authenticator, create_authenticator
 from .debug_store import DebugStore, create_store
+from .heap import trim_when_idle
 from .memory_plan import MemoryPlan, detect_memory_limit, plan_memory
 from .openapi import build_openapi
 from .pipeline import Pipeline
@@ -103,6 +104,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             async with anyio.create_task_group() as background:
                 background.start_soon(services.transcriber.warm_up, "transcriber")
                 background.start_soon(services.auth.warm_up)
+                background.start_soon(trim_when_idle, services.admission)
                 services.debug.start(background)
                 try:
                     yield

@@ -126,6 +126,13 @@ class ClientDisconnected(RefusedUpload):
     status, code = 499, "client_disconnected"
 
 
+class TranscodeInterrupted(ServiceError):
+    """ffmpeg was killed by a signal the service did not send (the kernel's OOM killer, an
+    operator): the machine's fault, not the recording's; worth a retry."""
+
+    status, code = 503, "transcode_interrupted"
+
+
 class TranscriptionFailed(ServiceError):
     status, code = 502, "transcription_failed"
 
@@ -178,6 +185,7 @@ ALL_ERRORS: tuple[type[ServiceError], ...] = (
     UnsupportedFormat,
     NoAudioInWindow,
     TranscodeTimeout,
+    TranscodeInterrupted,
     ClientDisconnected,
     TranscriptionFailed,
     Busy,

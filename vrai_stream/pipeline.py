@@ -238,7 +238,7 @@ class Pipeline:
             status="timeout" if outcome.timed_out else str(outcome.returncode)
         ).inc()
         if outcome.returncode != 0:
-            return explain_failure(outcome)
+            return explain_failure(outcome, self._settings.retry_after_seconds)
         mp3 = output.read_all()
         copies.add_output(mp3)
         result.mp3_size = len(mp3)

@@ -9,6 +9,7 @@ import time
 from typing import Any, TextIO
 
 REQUEST_LOGGER = "vrai_stream.request"
+QUIET_LOGGERS = ("uvicorn.access", "botocore", "aiobotocore", "faster_whisper", "httpx", "httpx2")
 
 _STANDARD_ATTRIBUTES = frozenset(
     logging.LogRecord("", 0, "", 0, "", None, None).__dict__.keys() | {"message", "asctime"}
@@ -45,7 +46,8 @@ def configure_logging(level: str, stream: TextIO = sys.stdout) -> None:
         logger.propagate = True
     # One line per request comes from the service itself; uvicorn's access log would repeat it.
     # The SDKs' own info lines (endpoint discovery, audio lengths) are noise at this level.
-    for name in ("uvicorn.access", "botocore", "aiobotocore", "faster_whisper", "httpx"):
+    # The `openai` SDK's HTTP client logs as `httpx2`: an info line per upstream call.
+    for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
 
 

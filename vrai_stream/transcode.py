@@ -12,6 +12,7 @@ import contextlib
 import math
 import re
 import shutil
+import signal
 import subprocess  # ffmpeg runs from an argv list, never a shell  # nosec B404
 from collections import deque
 from collections.abc import AsyncIterator
@@ -295,11 +296,22 @@ class FfmpegJob:
                     await stream.aclose()
 
 
-def explain_failure(outcome: TranscodeOutcome) -> errors.ServiceError:
+KILLED_FROM_OUTSIDE = (-signal.SIGKILL, -signal.SIGTERM)
+"""Exit statuses of an ffmpeg killed by someone else: the OOM killer sends SIGKILL."""
+
+
+def explain_failure(outcome: TranscodeOutcome, retry_after_seconds: int = 5) -> errors.ServiceError:
     """Turn ffmpeg's stderr into an error a user can act on."""
     if outcome.timed_out:
         return errors.TranscodeTimeout(
             "Decoding the audio took too long; the file may be damaged or unusually complex"
+        )
+    if outcome.returncode in KILLED_FROM_OUTSIDE:
+        # Not the recording's fault (the service kills ffmpeg only after its deadline, or
+        # once the job is gone): most likely the machine ran short of memory.  Retry.
+        return errors.TranscodeInterrupted(
+            "Decoding was interrupted on the server; please retry shortly",
+            headers={"Retry-After": str(retry_after_seconds)},
         )
     tail = outcome.stderr_tail
     lowered = tail.lower()
