@@ -64,16 +64,22 @@ class Admission:
         """Hold one job slot for the duration of the block, or raise `Busy`."""
         if self.closed:
             raise self._busy("The server is shutting down; retry on another machine")
-        if self._slots.value == 0 and self.waiting >= self.max_queue:
-            raise self._busy("The server is at capacity; retry shortly")
-        self.waiting += 1
         try:
-            with anyio.fail_after(self._queue_timeout):
-                acquired = await self._acquire_unless_closing()
-        except TimeoutError:
-            raise self._busy("The server stayed at capacity; retry shortly") from None
-        finally:
-            self.waiting -= 1
+            # A free slot is taken at once: a job holding one never counts as waiting
+            # (counting it until its acquire returned refused a burst's queued jobs).
+            self._slots.acquire_nowait()
+            acquired = True
+        except anyio.WouldBlock:
+            if self.waiting >= self.max_queue:
+                raise self._busy("The server is at capacity; retry shortly") from None
+            self.waiting += 1
+            try:
+                with anyio.fail_after(self._queue_timeout):
+                    acquired = await self._acquire_unless_closing()
+            except TimeoutError:
+                raise self._busy("The server stayed at capacity; retry shortly") from None
+            finally:
+                self.waiting -= 1
         if not acquired:
             raise self._busy("The server is shutting down; retry on another machine")
         self.running += 1
