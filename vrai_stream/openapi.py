@@ -99,6 +99,26 @@ def _legacy_fields() -> dict[str, Any]:
     }
 
 
+def _body_operation(
+    summary: str,
+    media_type: str,
+    schema: dict[str, Any],
+    answers: dict[str, Any],
+    failures: tuple[type[errors.ServiceError], ...],
+) -> dict[str, Any]:
+    """A POST whose body carries the recording and its fields."""
+    return {
+        "post": {
+            "summary": summary,
+            "requestBody": {"required": True, "content": {media_type: {"schema": schema}}},
+            "responses": {
+                "200": {"description": "The transcript", "content": answers},
+                **_error_responses(*failures),
+            },
+        }
+    }
+
+
 def build_openapi() -> dict[str, Any]:
     success_ref = {"$ref": "#/components/schemas/Transcription"}
     return {
@@ -206,100 +226,57 @@ def build_openapi() -> dict[str, Any]:
                     },
                 }
             },
-            "/trim-and-transcribe": {
-                "post": {
-                    "summary": "Legacy: JSON body with the recording as base64 in `fileBlob`.",
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "application/json": {
-                                "schema": {
-                                    "type": "object",
-                                    "required": ["fileBlob", "fromTime", "toTime"],
-                                    "properties": {
-                                        "fileBlob": {"type": "string", "contentEncoding": "base64"},
-                                        **_legacy_fields(),
-                                    },
-                                }
-                            }
-                        },
+            "/trim-and-transcribe": _body_operation(
+                "Legacy: JSON body with the recording as base64 in `fileBlob`.",
+                "application/json",
+                {
+                    "type": "object",
+                    "required": ["fileBlob", "fromTime", "toTime"],
+                    "properties": {
+                        "fileBlob": {"type": "string", "contentEncoding": "base64"},
+                        **_legacy_fields(),
                     },
-                    "responses": {
-                        "200": {
-                            "description": "The transcript",
-                            "content": {"application/json": {"schema": success_ref}},
-                        },
-                        **_error_responses(*_JSON_ERRORS),
+                },
+                {"application/json": {"schema": success_ref}},
+                _JSON_ERRORS,
+            ),
+            "/trim-and-transcribe-multipart": _body_operation(
+                "Legacy: multipart body with the recording in the `audio` field.",
+                "multipart/form-data",
+                {
+                    "type": "object",
+                    "required": ["audio", "fromTime", "toTime"],
+                    "properties": {
+                        "audio": {"type": "string", "format": "binary"},
+                        **_legacy_fields(),
                     },
-                }
-            },
-            "/trim-and-transcribe-multipart": {
-                "post": {
-                    "summary": "Legacy: multipart body with the recording in the `audio` field.",
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "multipart/form-data": {
-                                "schema": {
-                                    "type": "object",
-                                    "required": ["audio", "fromTime", "toTime"],
-                                    "properties": {
-                                        "audio": {"type": "string", "format": "binary"},
-                                        **_legacy_fields(),
-                                    },
-                                }
-                            }
-                        },
+                },
+                {"application/json": {"schema": success_ref}},
+                _FORM_ERRORS,
+            ),
+            "/v1/audio/transcriptions": _body_operation(
+                "OpenAI-compatible transcription (point an OpenAI SDK here).",
+                "multipart/form-data",
+                {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary"},
+                        "model": {"type": "string"},
+                        "language": {"type": "string"},
+                        "prompt": {"type": "string"},
+                        "response_format": {"enum": list(RESPONSE_FORMATS)},
+                        "temperature": {"type": "number", "minimum": 0, "maximum": 1},
+                        "fromTime": _SECONDS,
+                        "toTime": _SECONDS,
                     },
-                    "responses": {
-                        "200": {
-                            "description": "The transcript",
-                            "content": {"application/json": {"schema": success_ref}},
-                        },
-                        **_error_responses(*_FORM_ERRORS),
-                    },
-                }
-            },
-            "/v1/audio/transcriptions": {
-                "post": {
-                    "summary": "OpenAI-compatible transcription (point an OpenAI SDK here).",
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "multipart/form-data": {
-                                "schema": {
-                                    "type": "object",
-                                    "required": ["file"],
-                                    "properties": {
-                                        "file": {"type": "string", "format": "binary"},
-                                        "model": {"type": "string"},
-                                        "language": {"type": "string"},
-                                        "prompt": {"type": "string"},
-                                        "response_format": {"enum": list(RESPONSE_FORMATS)},
-                                        "temperature": {
-                                            "type": "number",
-                                            "minimum": 0,
-                                            "maximum": 1,
-                                        },
-                                        "fromTime": _SECONDS,
-                                        "toTime": _SECONDS,
-                                    },
-                                }
-                            }
-                        },
-                    },
-                    "responses": {
-                        "200": {
-                            "description": "Shaped by `response_format`, as OpenAI's API.",
-                            "content": {
-                                "application/json": {"schema": {"type": "object"}},
-                                "text/plain": {"schema": {"type": "string"}},
-                                "text/vtt": {"schema": {"type": "string"}},
-                            },
-                        },
-                        **_error_responses(*_FORM_ERRORS),
-                    },
-                }
-            },
+                },
+                {
+                    "application/json": {"schema": {"type": "object"}},
+                    "text/plain": {"schema": {"type": "string"}},
+                    "text/vtt": {"schema": {"type": "string"}},
+                },
+                _FORM_ERRORS,
+            ),
         },
     }

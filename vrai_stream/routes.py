@@ -12,7 +12,7 @@ from .ingest import parse_window
 from .jobs import HttpJob
 from .legacy_json import LegacyJsonDecoder
 from .multipart_upload import LEGACY_FILE_FIELD, OPENAI_FILE_FIELD, MultipartDecoder
-from .pipeline import JobSpec
+from .pipeline import JobResult, JobSpec
 from .responses import mp3_response, success_body
 from .summarize import SummarizationType
 from .transcribers import TranscribeOptions, Transcript
@@ -40,11 +40,7 @@ async def transcriptions(request: Request) -> Response:
         if result.mp3 is not None:
             job.response = mp3_response(result)
         else:
-            text = result.transcript.text if result.transcript else ""
-            extra = await job.summarize(summary, text)
-            job.response = JSONResponse(
-                {**success_body(result), **extra}, headers={"X-Request-Id": job.request_id}
-            )
+            job.response = await _transcript_response(job, result, summary)
     assert job.response is not None
     return job.response
 
@@ -92,11 +88,7 @@ async def _legacy(
             # A summarizationType sent after the recording is known only now.
             summary = SummarizationType.parse(upload.fields.get("summarizationType"))
         job.services.summarizer.check(summary)
-        text = result.transcript.text if result.transcript else ""
-        extra = await job.summarize(summary, text)
-        job.response = JSONResponse(
-            {**success_body(result), **extra}, headers={"X-Request-Id": job.request_id}
-        )
+        job.response = await _transcript_response(job, result, summary)
     assert job.response is not None
     return job.response
 
@@ -135,6 +127,15 @@ async def openai_transcriptions(request: Request) -> Response:
         job.response.headers["X-Request-Id"] = job.request_id
     assert job.response is not None
     return job.response
+
+
+async def _transcript_response(
+    job: HttpJob, result: JobResult, summary: SummarizationType
+) -> Response:
+    """The contract's success body, with `summary` or `summaryError` when one was asked for."""
+    text = result.transcript.text if result.transcript else ""
+    extra = await job.summarize(summary, text)
+    return JSONResponse({**success_body(result), **extra}, headers={"X-Request-Id": job.request_id})
 
 
 def _text_fields(upload: Upload) -> dict[str, str]:
