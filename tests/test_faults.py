@@ -17,8 +17,8 @@
   run at once, twice over (seekable and stream layouts, legacy JSON base64 and multipart, S3
   debug copies in 5 MiB parts, transcription through the `openai` SDK).  The poller splits
   each answer's latency using the kernel's accounting: waiting for a CPU (this machine's load,
-  not the server's doing), asleep while uvloop starts an ffmpeg (reported), and the rest, the
-  loop blocked by a step, which must stay under 100 ms; so must the loop's CPU time per poll.
+  not the server's doing), and the rest, the loop blocked by a step (starting an ffmpeg
+  included), which must stay under 100 ms; so must the loop's CPU time per poll.
 """
 
 from __future__ import annotations
@@ -686,7 +686,7 @@ async def test_hanging_upstream_is_504_at_the_deadline(
 # --- the event loop under load ---------------------------------------------------------------
 
 POLLER = r"""
-import http.client, json, os, sys, threading, time
+import http.client, json, os, sys, time
 port, pid, stop_file, interval = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
 thread = f"/proc/{pid}/task/{pid}"  # the server's main thread: its event loop
 own_stat = f"/proc/{os.getpid()}/schedstat"
@@ -696,25 +696,6 @@ def sched(path):
         on_cpu, waiting, _ = file.read().split()
     return int(on_cpu), int(waiting)
 
-states = []  # (when, state, system call) of the loop thread, every millisecond or so
-
-def watch():
-    while not os.path.exists(stop_file):
-        try:
-            with open(thread + "/stat") as file:
-                state = file.read().rsplit(")", 1)[1].split()[0]
-            try:
-                with open(thread + "/syscall") as file:
-                    call = file.read().split()[0]
-            except OSError:
-                call = "?"  # needs ptrace rights over the server: then nothing is set apart
-        except OSError:
-            return
-        states.append((time.monotonic(), state, call))
-        time.sleep(0.001)
-
-watcher = threading.Thread(target=watch, daemon=True)
-watcher.start()
 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
 samples = []
 while not os.path.exists(stop_file):
@@ -732,49 +713,35 @@ while not os.path.exists(stop_file):
         (own_after[1] - own_before[1]) / 1e9,  # the poller waiting for a CPU
     ])
     time.sleep(interval)
-watcher.join()
-for sample in samples:
-    sent, received = sample[0], sample[1]
-    seen = [(when, state, call) for when, state, call in states if sent <= when <= received]
-    # Asleep in read(): uvloop's spawn waits on a pipe until the new child has exec'd.
-    spawning = sum(1 for _, state, call in seen if state == "S" and call == "0")
-    sample.append((received - sent) * spawning / len(seen) if seen else 0.0)
 json.dump(samples, sys.stdout)
 """
 """Polls `/health` every `interval` s until `stop_file` exists.  Per request: when it was
 sent and answered; from /proc/PID/task/TID/schedstat, how long the server's event-loop thread
-ran on a CPU and how long it and the poller sat runnable with no CPU; and, from the loop
-thread's state sampled every millisecond, how long it slept in read() while starting ffmpeg
-(uvloop forks, then blocks the loop until the child has exec'd)."""
+ran on a CPU and how long it and the poller sat runnable with no CPU."""
 
 
 @dataclass
 class LoopLag:
     latencies: list[float]
-    shares: list[float]
+    stalls: list[float]
     """Per request: its latency less the time the server's loop thread or the poller was
     runnable but given no CPU (whichever is longer): what the loop itself could have caused,
     computing or blocked in a system call.  An upper bound of the loop's share."""
-    stalls: list[float]
-    """The same, less the time the loop slept waiting for a new ffmpeg to exec."""
-    spawning: list[float]
     loop_cpu: list[float]
     gaps: list[float]
 
     @classmethod
     def from_samples(cls, samples: list[list[float]], interval: float) -> LoopLag:
         latencies = [received - sent for sent, received, *_ in samples]
-        shares = [
+        stalls = [
             max(0.0, (received - sent) - max(server_wait, own_wait))
-            for sent, received, _, server_wait, own_wait, _ in samples
+            for sent, received, _, server_wait, own_wait in samples
         ]
-        spawning = [sample[5] for sample in samples]
-        stalls = [max(0.0, share - spawn) for share, spawn in zip(shares, spawning, strict=True)]
         gaps = [
             max(0.0, later[1] - earlier[1] - interval)
             for earlier, later in itertools.pairwise(samples)
         ]
-        return cls(latencies, shares, stalls, spawning, [s[2] for s in samples], gaps)
+        return cls(latencies, stalls, [s[2] for s in samples], gaps)
 
     @staticmethod
     def _ms(values: list[float], pct: float) -> str:
@@ -787,9 +754,7 @@ class LoopLag:
             f"{len(self.latencies)} polls of /health: latency p50 {ms(self.latencies, 50)} ms, "
             f"p99 {ms(self.latencies, 99)} ms, max {ms(self.latencies, 100)} ms (worst gap "
             f"beyond the 10 ms pause {ms(self.gaps, 100)} ms); less the waits for a CPU: p99 "
-            f"{ms(self.shares, 99)} ms, max {ms(self.shares, 100)} ms; of which asleep "
-            f"starting ffmpeg: max {ms(self.spawning, 100)} ms; the rest (the loop blocked by "
-            f"a step): p99 {ms(self.stalls, 99)} ms, max {ms(self.stalls, 100)} ms; loop "
+            f"{ms(self.stalls, 99)} ms, max {ms(self.stalls, 100)} ms; loop "
             f"thread on a CPU within one poll: p99 {ms(self.loop_cpu, 99)} ms, max "
             f"{ms(self.loop_cpu, 100)} ms"
         )
@@ -863,9 +828,8 @@ async def test_event_loop_is_never_blocked_under_load(
     On a shared machine the raw latency also carries the time the server's thread waited
     for a CPU that other processes (ffmpeg, other tests, other machines' work) held: the
     poller reads both threads' schedstat around each request, and asserts on what is left.
-    Starting ffmpeg is set apart and reported: uvloop forks and then blocks the loop on a
-    pipe until the child has exec'd, which on a busy CPU is as long as the child waits to
-    be scheduled (a few ms when idle; tens of ms here; see the report).
+    Starting ffmpeg counts: asyncio and uvloop would fork on the loop and wait there for the
+    exec (up to 700 ms seen on a starved CPU), so the service spawns from a worker thread.
     """
     server, s3, bucket = busy_server
     stop_file = tmp_path / "stop-polling"

@@ -33,6 +33,8 @@ class Admission:
         self.finished = 0
         """Jobs that held a slot and let it go, since start-up."""
         self._closing = anyio.Event()
+        self._idle = anyio.Event()
+        self._idle.set()
 
     @property
     def closed(self) -> bool:
@@ -41,6 +43,10 @@ class Admission:
     def close(self) -> None:
         """Refuse every new job from now on, queued ones included (the machine is stopping)."""
         self._closing.set()
+
+    async def wait_idle(self) -> None:
+        """Return once no job holds a slot."""
+        await self._idle.wait()
 
     def _busy(self, message: str) -> errors.Busy:
         return errors.Busy(message, headers={"Retry-After": str(self._retry_after)})
@@ -83,9 +89,13 @@ class Admission:
         if not acquired:
             raise self._busy("The server is shutting down; retry on another machine")
         self.running += 1
+        if self.running == 1:
+            self._idle = anyio.Event()
         try:
             yield
         finally:
             self.running -= 1
             self.finished += 1
             self._slots.release()
+            if self.running == 0:
+                self._idle.set()

@@ -23,6 +23,7 @@ from starlette.routing import Route
 from . import errors, metrics, routes
 from .admission import Admission
 from .auth import Authenticator, create_authenticator
+from .child_process import kill_unreaped
 from .debug_store import DebugStore, create_store
 from .heap import trim_when_idle
 from .memory_plan import MemoryPlan, detect_memory_limit, plan_memory
@@ -33,11 +34,14 @@ from .settings import Settings
 from .spool import Budget, sweep_leftovers, usable_tmp_dir
 from .summarize import Summarizer
 from .telemetry import log_request
-from .transcode import find_ffmpeg
+from .transcode import KILL_GRACE_SECONDS, find_ffmpeg
 from .transcribers import Transcriber, create_transcriber
 from .warmup import Lazy
 
 logger = logging.getLogger("vrai_stream.app")
+
+JOB_CLEANUP_SECONDS = KILL_GRACE_SECONDS + 1.0
+"""How long jobs cancelled at the end of the drain get to stop their ffmpeg and clean up."""
 
 
 @dataclass
@@ -109,6 +113,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 try:
                     yield
                 finally:
+                    # uvicorn has cancelled the jobs the drain did not see end, without
+                    # waiting for them: let them stop their ffmpeg and remove their files.
+                    with anyio.move_on_after(JOB_CLEANUP_SECONDS):
+                        await services.admission.wait_idle()
+                    kill_unreaped()
                     # Requests have drained; give their debug uploads the same grace.
                     with anyio.move_on_after(settings.drain_seconds):
                         await services.debug.wait_idle()

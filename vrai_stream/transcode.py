@@ -13,7 +13,7 @@ import math
 import re
 import shutil
 import signal
-import subprocess  # ffmpeg runs from an argv list, never a shell  # nosec B404
+import subprocess  # only its PIPE and DEVNULL constants  # nosec B404
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
-import anyio.abc
 
 from . import errors
+from .child_process import ChildProcess, spawn
 from .spool import Spool
 
 SAMPLE_RATE = 16_000
@@ -164,7 +164,7 @@ async def run_ffmpeg(
     feeds_stdin: bool = True,
 ) -> AsyncIterator[FfmpegJob]:
     """Start ffmpeg, drain it in the background, and make sure it is gone on the way out."""
-    process = await anyio.open_process(
+    process = await spawn(
         command,
         stdin=subprocess.PIPE if feeds_stdin else subprocess.DEVNULL,
         stdout=subprocess.PIPE,
@@ -172,9 +172,9 @@ async def run_ffmpeg(
         start_new_session=True,
     )
     job = FfmpegJob(process, output, timeout_after_input=timeout_after_input)
-    if not feeds_stdin:
-        await job.finish_input()
     try:
+        if not feeds_stdin:
+            await job.finish_input()
         async with anyio.create_task_group() as group:
             group.start_soon(job.supervise)
             try:
@@ -192,9 +192,7 @@ async def run_ffmpeg(
 class FfmpegJob:
     """One running ffmpeg, fed chunk by chunk, its stdout drained into `output`."""
 
-    def __init__(
-        self, process: anyio.abc.Process, output: Spool, *, timeout_after_input: float
-    ) -> None:
+    def __init__(self, process: ChildProcess, output: Spool, *, timeout_after_input: float) -> None:
         self._process = process
         self.output = output
         self._timeout_after_input = timeout_after_input
