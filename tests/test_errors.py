@@ -11,6 +11,7 @@ over a raw socket (`raw_connection`, `read_response`).  The helpers are shared w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import struct
@@ -23,6 +24,7 @@ from typing import Any
 import anyio
 import anyio.abc
 import httpx
+import psutil
 import pytest
 
 from .support import Server, chunked, start_server
@@ -78,8 +80,9 @@ async def raw_connection(server: Server) -> AsyncIterator[anyio.abc.SocketStream
         yield stream
 
 
-def request_head(path: str, headers: Mapping[str, str]) -> bytes:
-    lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", *(f"{k}: {v}" for k, v in headers.items())]
+def request_head(path: str, headers: Mapping[str, str], method: str = "POST") -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
@@ -443,3 +446,71 @@ async def test_unknown_paths_and_methods_use_the_error_shape(
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
         response = await client.request(method, path)
     assert_error_response(response, expected=expected, code=code)
+
+
+# --- the request head: size limit and malformed requests, answered by the server's parser ---
+
+HEAD_LIMIT = 16 * 1024
+
+
+def _head_of(shape: str, size: int) -> bytes:
+    """A GET /health whose request line and headers come to about `size` bytes."""
+    if shape == "one long header":
+        return request_head("/health", {"X-Padding": "a" * size}, "GET")
+    if shape == "many headers":
+        return request_head("/health", {f"X-Pad-{i}": "v" * 90 for i in range(size // 100)}, "GET")
+    assert shape == "long URL"
+    return request_head("/health?pad=" + "a" * size, {}, "GET")
+
+
+@pytest.mark.parametrize("shape", ["one long header", "many headers", "long URL"])
+@pytest.mark.parametrize(("size", "expected"), [(12 * 1024, 200), (HEAD_LIMIT + 1024, 431)])
+async def test_request_heads_over_16_kib_are_431(
+    server: Server, shape: str, size: int, expected: int
+) -> None:
+    async with raw_connection(server) as stream:
+        await stream.send(_head_of(shape, size))
+        response = await read_response(stream)
+    if expected == 200:
+        assert response.status == 200, response.body
+    else:
+        assert_error(
+            response.status, response.headers, response.json(),
+            expected=431, code="headers_too_large",
+        )  # fmt: skip
+        assert response.headers["connection"] == "close"
+
+
+async def test_a_huge_head_is_refused_early_and_the_answer_still_arrives(server: Server) -> None:
+    """Megabytes of headers: refused once 16 KiB have come, not buffered whole; the client,
+    still sending when the answer went out, can read it (no reset), and the server is fine."""
+    before = psutil.Process(server.process.pid).memory_info().rss
+    async with raw_connection(server) as stream:
+        await stream.send(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Padding: ")
+        with contextlib.suppress(anyio.BrokenResourceError, ConnectionError):
+            for _ in range(3 * 1024 // 64):  # 3 MiB, less than the linger's 4 MiB
+                await stream.send(b"a" * 64 * 1024)
+        response = await read_response(stream)
+    assert_error(
+        response.status, response.headers, response.json(), expected=431, code="headers_too_large"
+    )
+    assert psutil.Process(server.process.pid).memory_info().rss - before < 2 * 1024 * 1024
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+        assert (await client.get("/health")).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "head",
+    [b"GARBAGE\r\n\r\n", b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: -4\r\n\r\n"],
+)
+async def test_malformed_http_is_400_invalid_http_in_the_error_shape(
+    server: Server, head: bytes
+) -> None:
+    async with raw_connection(server) as stream:
+        await stream.send(head)
+        response = await read_response(stream)
+    assert_error(
+        response.status, response.headers, response.json(), expected=400, code="invalid_http"
+    )
+    logged = [entry for entry in server.request_logs() if entry.get("code") == "invalid_http"]
+    assert logged, "the refusal is logged like any request"

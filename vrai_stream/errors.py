@@ -42,6 +42,18 @@ class RefusedUpload(ServiceError):
     keeps_debug_copies = False
 
 
+class InvalidHttp(RefusedUpload):
+    """Not a well-formed HTTP/1.1 request: refused by the server's parser, before the app."""
+
+    status, code = 400, "invalid_http"
+
+
+class HeadersTooLarge(RefusedUpload):
+    """The request line and headers together exceed the server's limit."""
+
+    status, code = 431, "headers_too_large"
+
+
 class InvalidParameters(RefusedUpload):
     status, code = 400, "invalid_parameters"
 
@@ -168,6 +180,8 @@ class InternalError(ServiceError):
 
 
 ALL_ERRORS: tuple[type[ServiceError], ...] = (
+    InvalidHttp,
+    HeadersTooLarge,
     InvalidParameters,
     InvalidWindow,
     EmptyBody,

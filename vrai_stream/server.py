@@ -16,21 +16,29 @@ then up to `LINGER_SECONDS` (or `LINGER_BYTES`) of reading and discarding what s
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
+import uuid
+from http import HTTPStatus
 from types import FrameType
 from typing import Any
 
+import httptools
 import uvicorn
 from starlette.applications import Starlette
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from . import errors
 from .settings import Settings
+from .telemetry import log_request
 
 logger = logging.getLogger("vrai_stream.server")
 
 MAX_HEADER_BYTES = 16 * 1024
-"""Requests with larger headers are refused by h11 before they reach the app."""
+"""A request line and headers larger than this are refused (431) before they reach the app;
+httptools itself sets no limit and would buffer headers of any size."""
+HEAD_TOO_LARGE = f"The request line and headers exceed {MAX_HEADER_BYTES} bytes"
 
 
 LINGER_SECONDS = 2.0
@@ -61,6 +69,10 @@ class StagedCloseProtocol(HttpToolsProtocol):
 
     lingering = False
     _discarded = 0
+    _in_head = False
+    _head_bytes = 0
+    _head_parsed = 0
+    _refusal: errors.ServiceError | None = None
     _linger_timer: asyncio.TimerHandle | None = None
     _real_transport: asyncio.Transport
 
@@ -79,9 +91,13 @@ class StagedCloseProtocol(HttpToolsProtocol):
         if not transport.can_write_eof():
             self._close_now()
             return
+        self._linger()
+
+    def _linger(self) -> None:
+        """FIN once the response has gone out, then read and discard until the client stops."""
         self.lingering = True
-        transport.write_eof()  # FIN once the response has gone out
-        transport.resume_reading()
+        self._real_transport.write_eof()
+        self._real_transport.resume_reading()
         self._linger_timer = self.loop.call_later(LINGER_SECONDS, self._close_now)
 
     def _close_now(self) -> None:
@@ -97,6 +113,55 @@ class StagedCloseProtocol(HttpToolsProtocol):
                 self._close_now()
             return
         super().data_received(data)
+        if self._in_head:
+            # Reads that leave the head unfinished: httptools buffers them, so cap them here.
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEADER_BYTES and not self._real_transport.is_closing():
+                self._refuse(errors.HeadersTooLarge(HEAD_TOO_LARGE))
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head = True
+        self._head_bytes = 0
+        self._head_parsed = 0
+        self._refusal = None
+
+    def on_url(self, url: bytes) -> None:
+        self._head_parsed += len(url)
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_parsed += len(name) + len(value) + 4
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        if self._head_parsed > MAX_HEADER_BYTES:  # a head that arrived in a single read
+            self._refusal = errors.HeadersTooLarge(HEAD_TOO_LARGE)
+            raise httptools.HttpParserError  # stops the parser; uvicorn calls send_400_response
+        super().on_headers_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a request its parser refused, in the service's JSON shape."""
+        self._refuse(self._refusal or errors.InvalidHttp("The request is not well-formed HTTP/1.1"))
+
+    def _refuse(self, error: errors.ServiceError) -> None:
+        """Answer a request the parser rejected, and close: no app, no request cycle."""
+        request_id = uuid.uuid4().hex
+        log_request({"requestId": request_id, "status": error.status, "code": error.code})
+        body = json.dumps(error.body(request_id)).encode()
+        head = (
+            f"HTTP/1.1 {error.status} {HTTPStatus(error.status).phrase}\r\n"
+            "content-type: application/json\r\n"
+            f"content-length: {len(body)}\r\n"
+            "connection: close\r\n\r\n"
+        )
+        self._in_head = False
+        self._real_transport.write(head.encode() + body)
+        if self._real_transport.can_write_eof():
+            self._linger()  # the client may still be sending its head: let it read the answer
+        else:
+            self._close_now()
 
     def eof_received(self) -> None:
         if self.lingering:
