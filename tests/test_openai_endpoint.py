@@ -19,6 +19,7 @@ import openai
 import pytest
 
 from vrai_stream.auth import hash_token
+from vrai_stream.languages import language_code, language_name
 
 from .fake_openai import FakeOpenAI
 from .support import SENTENCE_WORDS, Server, has_words, start_server
@@ -109,6 +110,7 @@ def test_every_response_format_carries_the_words(
         assert has_words(result, SENTENCE_WORDS, at_least=4), result
     elif response_format == "verbose_json":
         assert isinstance(result, openai.types.audio.TranscriptionVerbose)
+        assert result.language == "english", "OpenAI's form of the language"
         assert has_words(result.text, SENTENCE_WORDS, at_least=4), result.text
         assert result.duration == pytest.approx(SENTENCE_SECONDS, abs=0.3)
         assert result.segments
@@ -247,6 +249,21 @@ async def test_the_async_sdk_against_the_local_transcriber(server: Server, media
             response_format="verbose_json",
         )
     assert has_words(result.text, SENTENCE_WORDS, at_least=4), result.text
+    assert result.language == "english", "the local model's `en`, in OpenAI's form"
     assert result.segments
     assert_timed([(s.start, s.end, s.text) for s in result.segments])
     server.wait_idle()
+
+
+@pytest.mark.parametrize(
+    ("reported", "code", "name"),
+    [("en", "en", "english"), ("english", "en", "english"), ("French", "fr", "french"),
+     ("yue", "yue", "cantonese"), ("klingon", "klingon", "klingon")],
+)  # fmt: skip
+def test_languages_are_codes_in_transcripts_and_names_in_verbose_json(
+    reported: str, code: str, name: str
+) -> None:
+    """The local model reports `en`, OpenAI `english`: transcripts always carry the code,
+    the OpenAI-compatible `verbose_json` always the name; unknown values pass unchanged."""
+    assert language_code(reported) == code
+    assert language_name(reported) == name

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
+from .languages import language_name
 from .transcribers import Segment, Transcript
 
 ResponseFormat = Literal["json", "text", "verbose_json", "srt", "vtt"]
@@ -40,7 +41,7 @@ def segments_of(transcript: Transcript, duration: float) -> tuple[Segment, ...]:
 def verbose_json(transcript: Transcript, duration: float) -> dict[str, Any]:
     return {
         "task": "transcribe",
-        "language": transcript.language or "english",
+        "language": language_name(transcript.language) or "english",
         "duration": duration,
         "text": transcript.text,
         "segments": [

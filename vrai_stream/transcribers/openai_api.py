@@ -9,6 +9,7 @@ import openai
 from openai.types.audio import TranscriptionVerbose
 
 from .. import errors
+from ..languages import language_code
 from ..settings import Settings
 from . import Audio, Segment, Transcript
 
@@ -79,6 +80,8 @@ def _to_transcript(result: object) -> Transcript:
             Segment(start=segment.start, end=segment.end, text=segment.text.strip())
             for segment in result.segments or ()
         )
-        return Transcript(text=result.text.strip(), language=result.language, segments=segments)
+        return Transcript(
+            text=result.text.strip(), language=language_code(result.language), segments=segments
+        )
     text = getattr(result, "text", result)
     return Transcript(text=str(text).strip())

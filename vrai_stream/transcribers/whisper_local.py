@@ -14,6 +14,7 @@ import anyio.to_thread
 from faster_whisper import WhisperModel
 
 from .. import errors
+from ..languages import language_code
 from ..settings import Settings
 from . import Audio, Segment, Transcript
 
@@ -76,7 +77,7 @@ class WhisperTranscriber:
             for segment in segments
         )
         text = " ".join(part.text for part in parts if part.text)
-        return Transcript(text=text, language=info.language, segments=parts)
+        return Transcript(text=text, language=language_code(info.language), segments=parts)
 
     async def aclose(self) -> None:
         return None
