@@ -24,11 +24,11 @@ What one run does:
 * then checks what is left: children, temp files (named or open), incomplete multipart
   uploads (once S3 is back), file descriptors and RSS against the warm baseline.
 
-Each transcribed request gets a window of a length no other recent one has (24 lengths, 2.0
-to 4.3 s): the MP3's size (frames of 36 ms) then names the request in the fake's record, so a
-`502` can be checked against exactly the attempts that were made for it.  The fake (real Whisper)
-has every one of those MP3s transcribed before a phase starts, so that what is slow upstream
-is what the faults made slow, not this machine's CPU.
+The service sends its request ID upstream with each attempt (`X-Client-Request-Id`), so a
+`502` or `504` is checked against exactly the attempts that were made for it.  Transcribed
+requests take their windows from 24 lengths (2.0 to 4.3 s), each with its own recording: the
+fake (real Whisper) has every one of those MP3s transcribed before a phase starts, so that
+what is slow upstream is what the faults made slow, not this machine's CPU.
 """
 
 from __future__ import annotations
@@ -368,12 +368,9 @@ def mutate(data: bytes, mutation: str, rng: random.Random) -> bytes:
 
 
 class _LengthCycle:
-    """Window lengths 2.0 .. 4.3 s in 0.1 s steps, in turn, each with its own recording.
-
-    A 0.1 s step is 2 to 3 MP3 frames of 36 ms: the MP3's size names the request among the
-    23 transcriptions before and after it, and only 24 distinct MP3s ever go upstream, so the
-    fake transcribes each once (see `prime_upstream`).
-    """
+    """Window lengths 2.0 .. 4.3 s in 0.1 s steps, in turn, each with its own recording:
+    only 24 distinct MP3s ever go upstream, so the fake transcribes each once (see
+    `prime_upstream`)."""
 
     PERIOD = 24
 
@@ -856,16 +853,12 @@ def run_soak(
         report.server_codes = Counter(str(line.get("code")) for line in main.logs)
         timeout = config.openai_timeout_seconds
         report.upstream_attempts = Counter(attempt_kind(r, timeout) for r in main.received)
-        by_id = {line.get("requestId"): line for line in main.logs}
         report.upstream_verified = sum(
             1
             for record in main.records
             if record.status in UPSTREAM_STATUSES
             and record.planned.kind == "transcribe"
-            and explain_upstream_failure(
-                record, by_id.get(record.request_id), main.received, config
-            )
-            is None
+            and explain_upstream_failure(record, main.received, config) is None
         )
         report.problems += judge_phase(main, config)
 
@@ -1017,7 +1010,7 @@ def judge_phase(phase: Phase, config: SoakConfig) -> list[str]:
         if record.status == 503 and record.code == "busy":
             continue
         if record.status in UPSTREAM_STATUSES and kind == "transcribe":
-            why = explain_upstream_failure(record, line, phase.received, config)
+            why = explain_upstream_failure(record, phase.received, config)
             if why is not None:
                 problems.append(f"answer: {describe(record)}: {why}")
             continue
@@ -1125,21 +1118,14 @@ def judge_log(server: Server, report: SoakReport) -> list[str]:
 
 
 def explain_upstream_failure(
-    record: Record, line: dict[str, Any] | None, received: list[Received], config: SoakConfig
+    record: Record, received: list[Received], config: SoakConfig
 ) -> str | None:
-    """None when the fake's record explains this 502/504; else what does not add up."""
+    """None when the fake's record explains this 502/504; else what does not add up.
+
+    The service sends its request ID upstream (`X-Client-Request-Id`) with every attempt."""
     if UPSTREAM_STATUSES.get(record.status or 0) != record.code:
         return f"code {record.code} for status {record.status}"
-    if line is None or not line.get("fileSize"):
-        return "no MP3 size in the log line to find its upstream attempts by"
-    size = line["fileSize"]
-    attempts = [
-        r
-        for r in received
-        if "file" in r.files
-        and len(r.file.data) == size
-        and record.started - 0.5 <= r.received_at <= record.ended + 0.5
-    ]
+    attempts = [r for r in received if r.headers.get("x-client-request-id") == record.request_id]
     if not attempts:
         return "the upstream never saw this request"
     timeout = config.openai_timeout_seconds

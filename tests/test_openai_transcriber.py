@@ -82,6 +82,8 @@ async def test_speech_comes_back_as_its_words(
     assert seen.status == 200
     assert seen.form["model"] == (model or "whisper-1")
     assert "authorization" not in seen.headers
+    # Our request ID travels upstream: one request can be traced on both sides.
+    assert seen.headers["x-client-request-id"] == body["requestId"]
     # What went out is the window as MP3, not the upload.
     sent = seen.file
     assert sent.is_mp3

@@ -275,7 +275,12 @@ class Pipeline:
         began = anyio.current_time()
         try:
             return await transcriber.transcribe(
-                Audio(file=output.reader(), duration=result.duration, options=spec.options)
+                Audio(
+                    file=output.reader(),
+                    duration=result.duration,
+                    options=spec.options,
+                    request_id=spec.request_id,
+                )
             )
         finally:
             result.timings.transcribe = anyio.current_time() - began

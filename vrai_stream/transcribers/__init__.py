@@ -43,6 +43,8 @@ class Audio:
     duration: float
     filename: str = "audio.mp3"
     options: TranscribeOptions = field(default_factory=TranscribeOptions)
+    request_id: str | None = None
+    """Ours, sent upstream so that one request can be traced on both sides."""
 
 
 class Transcriber(Protocol):

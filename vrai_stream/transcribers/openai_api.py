@@ -13,6 +13,9 @@ from ..languages import language_code
 from ..settings import Settings
 from . import Audio, Segment, Transcript
 
+CLIENT_REQUEST_ID = "X-Client-Request-Id"
+"""OpenAI keeps a caller's own request ID with the request: support can find it by ours."""
+
 
 class OpenAITranscriber:
     name = "openai"
@@ -52,6 +55,7 @@ class OpenAITranscriber:
                 language=options.language or openai.omit,
                 prompt=options.prompt or openai.omit,
                 temperature=openai.omit if options.temperature is None else options.temperature,
+                extra_headers={CLIENT_REQUEST_ID: audio.request_id} if audio.request_id else None,
             )
         except openai.APITimeoutError:
             raise errors.TranscriptionTimeout(
