@@ -41,10 +41,17 @@ def tool(name: str) -> str:
     return found
 
 
-def run_ffmpeg(*args: str, timeout: float = 600) -> None:
+def ffmpeg_command(*args: str, binary: str | None = None) -> list[str]:
+    """An ffmpeg command line that stays quiet and never waits on stdin, as every script runs it.
+
+    `binary` replaces the ffmpeg on PATH (the AMR encoder lives in another build).
+    """
+    return [binary or tool("ffmpeg"), "-hide_banner", "-loglevel", "error", "-nostdin", "-y", *args]
+
+
+def run_ffmpeg(*args: str, binary: str | None = None, timeout: float = 600) -> None:
     """Run ffmpeg quietly, failing loudly: a corpus built from a half-failed run is worthless."""
-    command = [tool("ffmpeg"), "-hide_banner", "-loglevel", "error", "-nostdin", "-y", *args]
-    subprocess.run(command, check=True, timeout=timeout)
+    subprocess.run(ffmpeg_command(*args, binary=binary), check=True, timeout=timeout)
 
 
 def first_line(command: Sequence[str]) -> str:
@@ -245,6 +252,18 @@ def running_server(
         yield server
     finally:
         stop(process)
+
+
+@contextlib.contextmanager
+def running_service(
+    name: str, folder: Path, *, wait: bool = True, **env: str
+) -> Iterator[ServerProcess]:
+    """`python -m vrai_stream.cli serve` on a free loopback port, scrubbed environment plus
+    `env`: one way to start the service, so every script measures the same process."""
+    port = str(free_port())
+    command = [sys.executable, "-m", "vrai_stream.cli", "serve", "--port", port]
+    with running_server(name, command, scrubbed_env(PORT=port, **env), folder, wait=wait) as server:
+        yield server
 
 
 def wait_ready(server: ServerProcess, timeout: float = 120) -> None:

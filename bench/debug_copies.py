@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -48,11 +46,17 @@ from botocore.config import Config
 from common import (
     REPO_DIR,
     MiB,
+    ServerProcess,
     describe_machine,
+    free_port,
     machine,
     markdown_table,
     median,
     run_ffmpeg,
+    running_service,
+    settled_rss,
+    stop,
+    tree_rss,
     write_json,
 )
 
@@ -90,23 +94,6 @@ def make_corpus(folder: Path, sizes_mb: list[int]) -> dict[int, Path]:
 
 
 # --- processes ----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @dataclass
@@ -154,79 +141,23 @@ def s3_client(endpoint: str) -> Any:
     )
 
 
-@dataclass
-class Server:
-    name: str
-    url: str
-    process: subprocess.Popen[bytes]
-    tmp_dir: Path
-    log_path: Path
-
-    def logs(self) -> list[dict[str, Any]]:
-        entries = []
-        for line in self.log_path.read_text().splitlines():
-            with contextlib.suppress(json.JSONDecodeError):
-                entries.append(json.loads(line))
-        return entries
-
-    def request_log(self, request_id: str) -> dict[str, Any]:
-        for entry in self.logs():
-            request = entry.get("request")
-            if isinstance(request, dict) and request.get("requestId") == request_id:
-                return request
-        return {}
-
-    def wait_idle(self, timeout: float = 30.0) -> None:
-        """No ffmpeg child and no temp file left from the last request."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                children = psutil.Process(self.process.pid).children(recursive=True)
-            except psutil.NoSuchProcess:
-                return
-            if not children and not any(self.tmp_dir.iterdir()):
-                return
-            time.sleep(0.05)
-        raise RuntimeError(f"{self.name}: a child or temp file outlived its request")
-
-
 @contextlib.contextmanager
-def running_server(name: str, folder: Path, extra_env: dict[str, str]) -> Iterator[Server]:
-    """`python -m vrai_stream.cli serve` on loopback, with a scrubbed environment."""
-    tmp_dir = folder / name / "spool"
-    tmp_dir.mkdir(parents=True)
-    log_path = folder / name / "server.log"
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("VRAI_", "OPENAI_", "AWS_")) and key != "BUCKET_NAME"
-    }
-    env.update(
-        VRAI_TMP_DIR=str(tmp_dir),
+def running_server(name: str, folder: Path, extra_env: dict[str, str]) -> Iterator[ServerProcess]:
+    """The service with its OpenAI transcriber at an address where nothing listens."""
+    with running_service(
+        name,
+        folder,
+        wait=False,
         VRAI_TRANSCRIBER="openai",
         OPENAI_API_KEY="sk-bench-not-a-key",
         OPENAI_BASE_URL=f"http://127.0.0.1:{free_port()}/v1",
-        PYTHONUNBUFFERED="1",
         **extra_env,
-    )
-    port = free_port()
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "vrai_stream.cli", "serve", "--port", str(port)],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=REPO_DIR,
-        )
-    server = Server(name, f"http://127.0.0.1:{port}", process, tmp_dir, log_path)
-    try:
+    ) as server:
         wait_ready(server, s3="VRAI_DEBUG_BUCKET" in extra_env)
         yield server
-    finally:
-        stop(process)
 
 
-def wait_ready(server: Server, *, s3: bool, timeout: float = 60.0) -> None:
+def wait_ready(server: ServerProcess, *, s3: bool, timeout: float = 60.0) -> None:
     """/health answers, the transcriber client is built, and (S3) the bucket was checked."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -235,7 +166,8 @@ def wait_ready(server: Server, *, s3: bool, timeout: float = 60.0) -> None:
         with contextlib.suppress(httpx.TransportError):
             health = httpx.get(f"{server.url}/health", timeout=1).json()
             checked = not s3 or any(
-                entry.get("message", "").startswith("debug bucket") for entry in server.logs()
+                entry.get("message", "").startswith("debug bucket")
+                for entry in server.log_entries()
             )
             if health.get("transcriberReady") and checked:
                 return
@@ -244,21 +176,6 @@ def wait_ready(server: Server, *, s3: bool, timeout: float = 60.0) -> None:
 
 
 # --- memory -------------------------------------------------------------------------------
-
-
-def tree_rss(root: psutil.Process, root_name: str) -> int:
-    """RSS of the server and its children (ffmpeg).  A child between fork and exec still maps
-    the server's image and would count it twice: those are skipped."""
-    try:
-        total = root.memory_info().rss
-        children = root.children(recursive=True)
-    except psutil.NoSuchProcess:
-        return 0
-    for child in children:
-        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-            if child.name() != root_name:
-                total += child.memory_info().rss
-    return total
 
 
 class PeakSampler:
@@ -283,18 +200,6 @@ class PeakSampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-
-
-def idle_rss(server: Server, seconds: float = 1.0) -> int:
-    """The idle tree: the median of a second of samples."""
-    root = psutil.Process(server.process.pid)
-    name = root.name()
-    samples = []
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        samples.append(tree_rss(root, name))
-        time.sleep(SAMPLE_INTERVAL)
-    return int(median(samples))
 
 
 # --- one request --------------------------------------------------------------------------
@@ -364,14 +269,14 @@ def cpu_seconds(pid: int) -> float:
     return times.user + times.system + times.children_user + times.children_system
 
 
-def measure(server: Server, data: bytes, rate: float | None, idle: int) -> tuple[Run, str]:
+def measure(server: ServerProcess, data: bytes, rate: float | None, idle: int) -> tuple[Run, str]:
     server.wait_idle()
     with PeakSampler(server.process.pid) as sampler:
         response, marks = anyio.run(post, server.url, data, rate)
     if response.status_code != 200:
         print(f"  ! {server.name}: HTTP {response.status_code} {response.text[:300]}")
     request_id = response.headers.get("x-request-id", "")
-    logged = server.request_log(request_id).get("timings", {}).get("afterLastByte")
+    logged = server.request_logs().get(request_id, {}).get("timings", {}).get("afterLastByte")
     run = Run(
         size_mb=0,
         pace_mb_s=0,
@@ -387,7 +292,7 @@ def measure(server: Server, data: bytes, rate: float | None, idle: int) -> tuple
     return run, request_id
 
 
-def settle_copy(s3: Any, bucket: str, server: Server, request_id: str, run: Run) -> None:
+def settle_copy(s3: Any, bucket: str, server: ServerProcess, request_id: str, run: Run) -> None:
     """Wait until the request's input copy is stored (stamped) or given up, and no multipart
     upload is left, so the next request does not share the machine with it."""
     responded = time.monotonic()
@@ -407,7 +312,7 @@ def settle_copy(s3: Any, bucket: str, server: Server, request_id: str, run: Run)
                 return
         lost = [
             entry
-            for entry in server.logs()
+            for entry in server.log_entries()
             if entry.get("level") == "warning" and request_id in str(entry.get("key", ""))
         ]
         if lost and not pending:
@@ -449,7 +354,7 @@ def run_all(
                 anyio.run(post, server.url, warm, None)
                 server.wait_idle()
             time.sleep(1.0)
-            idle = {name: idle_rss(server) for name, server in servers.items()}
+            idle = {name: settled_rss(server.pid, seconds=1.0) for name, server in servers.items()}
             print(
                 f"idle tree RSS: off {idle['off'] / MiB:.1f} MiB, on {idle['on'] / MiB:.1f} MiB",
                 flush=True,

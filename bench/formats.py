@@ -10,8 +10,9 @@ is the tail of its work.  In SEEKABLE mode (M4A with `moov` last, CAF with `pakt
 the body goes to disk first and ffmpeg's whole run comes after the last byte: the column
 "ffmpeg alone" (the same conversion, file to file, without the service) shows that cost.
 
-The fixtures are built here, self-contained: ffmpeg cannot mux AAC into CAF, so a small
-CAF writer below does it the way Apple's AudioFile API does (desc, chan, kuki, data, pakt).
+The recordings are built here, 5 minutes long, in the formats of the tests' phone matrix
+(`tests/phone_media.py`); ffmpeg cannot mux AAC into CAF, so the tests' CAF writer does it
+the way Apple's AudioFile API does (desc, chan, kuki, data, pakt).
 
 Run: .venv/bin/python bench/formats.py [--seconds 300] [--repeats 3] [--only wav,caf-alac]
 """
@@ -19,33 +20,39 @@ Run: .venv/bin/python bench/formats.py [--seconds 300] [--repeats 3] [--only wav
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
-import os
 import shutil
-import socket
-import struct
 import subprocess
 import sys
 import tempfile
 import time
-import wave
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import anyio
 import httpx
 from common import (
     REPO_DIR,
+    ServerProcess,
     describe_machine,
     machine,
     markdown_table,
     median,
     run_ffmpeg,
+    running_service,
     tool,
     write_json,
+)
+
+sys.path.insert(0, str(REPO_DIR))
+
+from tests.phone_media import (
+    FIXTURE_NAMES,
+    amr_ffmpeg,
+    parse_adts,
+    streaming_wav,
+    wav_samples,
+    write_aac_caf,
 )
 
 RATE = 48_000
@@ -55,102 +62,11 @@ SPEECH_TEXT = (
     "This is a voice note recorded on a phone. Remind me to call the plumber about the "
     "kitchen sink, and to move the team meeting to Thursday afternoon."
 )
-FORMATS = (
-    "caf-aac-pakt-last",
-    "caf-aac-pakt-first",
-    "caf-alac",
-    "caf-lpcm",
-    "caf-ima4",
-    "m4a-moov-last",
-    "m4a-faststart",
-    "mp4-fragmented",
-    "3gp-amr",
-    "3gp-amr-faststart",
-    "webm-opus",
-    "ogg-opus",
-    "wav",
-    "wav-streaming",
-    "mp3-id3",
-    "flac",
-    "adts-aac",
-)
-
-
-# --- CAF with AAC, as Apple writes it ------------------------------------------------------
-
-_AAC_RATES = (96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000)
-
-
-def _caf_chunk(kind: bytes, payload: bytes) -> bytes:
-    return struct.pack(">4sq", kind, len(payload)) + payload
-
-
-def _descriptor(tag: int, payload: bytes) -> bytes:
-    return bytes([tag, 0x80, 0x80, 0x80, len(payload)]) + payload
-
-
-def _varint(value: int) -> bytes:
-    groups = [value & 0x7F]
-    value >>= 7
-    while value:
-        groups.append(0x80 | (value & 0x7F))
-        value >>= 7
-    return bytes(reversed(groups))
-
-
-def aac_caf(adts: bytes, *, valid_frames: int, pakt_first: bool) -> bytes:
-    """Raw AAC packets out of ADTS, into desc/chan/kuki(esds)/data/pakt (or pakt/data)."""
-    packets = []
-    offset = 0
-    while offset + 7 <= len(adts):
-        header = adts[offset : offset + 7]
-        length = ((header[3] & 0x3) << 11) | (header[4] << 3) | (header[5] >> 5)
-        header_size = 7 if header[1] & 1 else 9
-        packets.append(adts[offset + header_size : offset + length])
-        offset += length
-    profile, rate_index = adts[2] >> 6, (adts[2] >> 2) & 0xF
-    channels = ((adts[2] & 1) << 2) | (adts[3] >> 6)
-    asc = struct.pack(">H", ((profile + 1) << 11) | (rate_index << 7) | (channels << 3))
-    sizes = [len(packet) for packet in packets]
-    rate = _AAC_RATES[rate_index]
-    bitrate = int(sum(sizes) * 8 * rate / (1024 * len(sizes)))
-    config = _descriptor(
-        0x04,
-        bytes([0x40, 0x15])
-        + max(sizes).to_bytes(3, "big")
-        + struct.pack(">II", bitrate, bitrate)
-        + _descriptor(0x05, asc),
-    )
-    cookie = _descriptor(0x03, b"\0\0\0" + config + _descriptor(0x06, b"\x02"))
-    priming = 1024
-    valid_frames = min(valid_frames, 1024 * len(sizes) - priming)
-    remainder = 1024 * len(sizes) - priming - valid_frames
-    desc = struct.pack(">d4sIIIII", rate, b"aac ", 2, 0, 1024, channels, 0)
-    layout = (100 << 16) | 1 if channels == 1 else (101 << 16) | 2
-    pakt = _caf_chunk(
-        b"pakt",
-        struct.pack(">qqii", len(sizes), valid_frames, priming, remainder)
-        + b"".join(_varint(size) for size in sizes),
-    )
-    data = _caf_chunk(b"data", struct.pack(">I", 0) + b"".join(packets))
-    return (
-        b"caff\x00\x01\x00\x00"
-        + _caf_chunk(b"desc", desc)
-        + _caf_chunk(b"chan", struct.pack(">III", layout, 0, 0))
-        + _caf_chunk(b"kuki", cookie)
-        + (pakt + data if pakt_first else data + pakt)
-    )
+FORMATS = FIXTURE_NAMES
+"""The phone matrix of the README, in its order: the tests build the same formats."""
 
 
 # --- the corpus ---------------------------------------------------------------------------
-
-
-def amr_ffmpeg() -> str:
-    """Debian's ffmpeg cannot encode AMR; the imageio-ffmpeg wheel's binary can."""
-    import imageio_ffmpeg
-
-    found: str = imageio_ffmpeg.get_ffmpeg_exe()
-    return found
 
 
 def recording(folder: Path, seconds: float) -> Path:
@@ -179,8 +95,7 @@ def build_corpus(folder: Path, seconds: float, only: set[str]) -> dict[str, Path
     source = folder / "recording.wav"
     if not source.exists():
         recording(folder, seconds)
-    with wave.open(str(source)) as reader:
-        samples = reader.getnframes()
+    samples = wav_samples(source)
     src = str(source)
     adts = folder / "phone.aac"
 
@@ -197,31 +112,16 @@ def build_corpus(folder: Path, seconds: float, only: set[str]) -> dict[str, Path
         return path
 
     def caf(name: str, pakt_first: bool) -> Path:
-        path = folder / name
-        path.write_bytes(aac_caf(aac().read_bytes(), valid_frames=samples, pakt_first=pakt_first))
-        return path
+        stream = parse_adts(aac().read_bytes())
+        return write_aac_caf(
+            folder / name, stream, valid_frames=samples, priming=1024, pakt_first=pakt_first
+        )
 
     def encode(name: str, *args: str, binary: str | None = None) -> Path:
         path = folder / name
         if path.exists():
             return path
-        if binary is None:
-            run_ffmpeg("-i", src, *args, str(path))
-        else:
-            subprocess.run(
-                [binary, "-hide_banner", "-loglevel", "error", "-nostdin", "-y", "-i", src,
-                 *args, str(path)],
-                check=True,
-            )  # fmt: skip
-        return path
-
-    def streaming_wav() -> Path:
-        data = bytearray(source.read_bytes())
-        data[4:8] = b"\xff\xff\xff\xff"
-        at = data.index(b"data", 12)
-        data[at + 4 : at + 8] = b"\xff\xff\xff\xff"
-        path = folder / "streaming.wav"
-        path.write_bytes(bytes(data))
+        run_ffmpeg("-i", src, *args, str(path), binary=binary)
         return path
 
     amr = ["-ar", "8000", "-ac", "1", "-c:a", "libopencore_amrnb", "-b:a", "12.2k"]
@@ -243,7 +143,7 @@ def build_corpus(folder: Path, seconds: float, only: set[str]) -> dict[str, Path
         "webm-opus": lambda: encode("phone.webm", "-c:a", "libopus", "-b:a", "32k"),
         "ogg-opus": lambda: encode("phone.ogg", "-c:a", "libopus", "-b:a", "32k"),
         "wav": lambda: source,
-        "wav-streaming": streaming_wav,
+        "wav-streaming": lambda: streaming_wav(source, folder / "streaming.wav"),
         "mp3-id3": lambda: encode(
             "phone.mp3",
             "-c:a",
@@ -267,98 +167,6 @@ def build_corpus(folder: Path, seconds: float, only: set[str]) -> dict[str, Path
             took = time.monotonic() - started
             print(f"  {name}: {size / 1e6:.1f} MB ({took:.1f} s to build)", flush=True)
     return corpus
-
-
-# --- the server -----------------------------------------------------------------------------
-
-
-@dataclass
-class Server:
-    url: str
-    process: subprocess.Popen[bytes]
-    tmp_dir: Path
-    log_path: Path
-
-    def request_log(self, request_id: str) -> dict[str, Any]:
-        for line in self.log_path.read_text().splitlines():
-            with contextlib.suppress(json.JSONDecodeError):
-                entry = json.loads(line)
-                request = entry.get("request") if isinstance(entry, dict) else None
-                if isinstance(request, dict) and request.get("requestId") == request_id:
-                    return request
-        return {}
-
-    def wait_idle(self, timeout: float = 15.0) -> None:
-        """No ffmpeg child and no temp file left: the next upload starts from idle."""
-        import psutil
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                children = psutil.Process(self.process.pid).children(recursive=True)
-            except psutil.NoSuchProcess:
-                return
-            if not children and not any(self.tmp_dir.iterdir()):
-                return
-            time.sleep(0.05)
-        raise RuntimeError("the server still has a child or a temp file after a request")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@contextlib.contextmanager
-def running_server(base: Path) -> Iterator[Server]:
-    """`python -m vrai_stream.cli serve` on loopback, embedded defaults, no debug copies."""
-    tmp_dir = base / "spool"
-    tmp_dir.mkdir(parents=True)
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("VRAI_", "OPENAI_", "AWS_")) and key != "BUCKET_NAME"
-    }
-    env.update(
-        HF_HUB_OFFLINE="1",
-        VRAI_TRANSCRIBER="local",
-        VRAI_DEBUG_STORE="off",
-        VRAI_TMP_DIR=str(tmp_dir),
-        PYTHONUNBUFFERED="1",
-    )
-    log_path = base / "server.log"
-    port = free_port()
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "vrai_stream.cli", "serve", "--port", str(port)],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=REPO_DIR,
-        )
-    server = Server(f"http://127.0.0.1:{port}", process, tmp_dir, log_path)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start:\n{log_path.read_text()}")
-            with contextlib.suppress(httpx.TransportError):
-                health = httpx.get(f"{server.url}/health", timeout=1)
-                # Wait for the model's background warm-up too: it would steal the CPU.
-                if health.status_code == 200 and health.json().get("transcriberReady", True):
-                    break
-            time.sleep(0.1)
-        yield server
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
 
 
 # --- measuring -------------------------------------------------------------------------------
@@ -398,7 +206,7 @@ class FormatResult:
         return median([run.total for run in self.runs])
 
 
-async def upload(server: Server, data: bytes) -> tuple[httpx.Response, float, float]:
+async def upload(server: ServerProcess, data: bytes) -> tuple[httpx.Response, float, float]:
     """Send `data` chunked, unthrottled; return the response, time after the last chunk, total."""
     last_chunk_sent = 0.0
 
@@ -434,13 +242,15 @@ def ffmpeg_alone(path: Path, folder: Path) -> float:
     return took
 
 
-def measure(server: Server, name: str, path: Path, repeats: int, scratch: Path) -> FormatResult:
+def measure(
+    server: ServerProcess, name: str, path: Path, repeats: int, scratch: Path
+) -> FormatResult:
     data = path.read_bytes()
     result = FormatResult(name=name, path=path.name, bytes=len(data))
     result.ffmpeg_alone_seconds = ffmpeg_alone(path, scratch)
     for _ in range(repeats):
         response, after_last_byte, total = anyio.run(upload, server, data)
-        request = server.request_log(response.headers.get("x-request-id", ""))
+        request = server.request_logs().get(response.headers.get("x-request-id", ""), {})
         timings = request.get("timings") or {}
         result.container = request.get("format", result.container)
         result.mode = request.get("mode", result.mode)
@@ -510,7 +320,9 @@ def main() -> int:
         print(f"Building {args.seconds:g} s recordings in {corpus_dir} ...", flush=True)
         corpus = build_corpus(corpus_dir, args.seconds, only)
         results = []
-        with running_server(scratch / "server") as server:
+        with running_service(
+            "server", scratch, HF_HUB_OFFLINE="1", VRAI_TRANSCRIBER="local", VRAI_DEBUG_STORE="off"
+        ) as server:
             for name, path in corpus.items():
                 results.append(measure(server, name, path, args.repeats, scratch))
                 last = results[-1]

@@ -22,15 +22,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,13 +37,15 @@ import anyio
 import httpx
 import psutil
 from common import (
-    REPO_DIR,
     MiB,
+    ServerProcess,
     describe_machine,
+    ffmpeg_command,
     machine,
     markdown_table,
     median,
     run_ffmpeg,
+    running_service,
     tool,
     write_json,
 )
@@ -223,119 +223,20 @@ class PeakSampler:
 # --- the server -------------------------------------------------------------------------
 
 
-@dataclass
-class Server:
-    url: str
-    process: subprocess.Popen[bytes]
-    tmp_dir: Path
-    log_path: Path
-
-    def busy(self) -> bool:
-        """True while a child (ffmpeg) or a temp file of a finished request is still there."""
-        try:
-            children = psutil.Process(self.process.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            return False
-        return bool(children) or any(self.tmp_dir.iterdir())
-
-    def wait_idle(self, timeout: float = 15.0) -> None:
-        """Let the last request's ffmpeg and spools go, so the next one starts from idle."""
-        deadline = time.monotonic() + timeout
-        while self.busy():
-            if time.monotonic() > deadline:
-                raise RuntimeError("the server still has a child or temp file after a request")
-            time.sleep(0.05)
-
-    def request_log(self, request_id: str) -> dict[str, Any]:
-        """The service's own log line for one request (it has the server-side timings)."""
-        for line in self.log_path.read_text().splitlines():
-            with contextlib.suppress(json.JSONDecodeError):
-                entry = json.loads(line)
-                request = entry.get("request") if isinstance(entry, dict) else None
-                if isinstance(request, dict) and request.get("requestId") == request_id:
-                    return request
-        return {}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def server_env(tmp_dir: Path, bitrate_kbps: int) -> dict[str, str]:
+def server_env(bitrate_kbps: int) -> dict[str, str]:
     """The embedded defaults, with the local model offline and no debug copies.
 
-    Debug copies are off so the figures are the pipeline's own; the inherited environment
-    is scrubbed of settings that would change what is measured.  The bitrate is pinned so
-    the service and the raw ffmpeg run encode the same way whatever the default becomes.
+    Debug copies are off so the figures are the pipeline's own; `running_service` scrubs
+    the inherited environment of settings that would change what is measured.  The bitrate
+    is pinned so the service and the raw ffmpeg run encode the same way whatever the
+    default becomes.
     """
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("VRAI_", "OPENAI_", "AWS_")) and key != "BUCKET_NAME"
+    return {
+        "HF_HUB_OFFLINE": "1",
+        "VRAI_TRANSCRIBER": "local",
+        "VRAI_DEBUG_STORE": "off",
+        "VRAI_MP3_BITRATE_KBPS": str(bitrate_kbps),
     }
-    env.update(
-        HF_HUB_OFFLINE="1",
-        VRAI_TRANSCRIBER="local",
-        VRAI_DEBUG_STORE="off",
-        VRAI_TMP_DIR=str(tmp_dir),
-        VRAI_MP3_BITRATE_KBPS=str(bitrate_kbps),
-        PYTHONUNBUFFERED="1",
-    )
-    return env
-
-
-@contextlib.contextmanager
-def running_server(base: Path, bitrate_kbps: int) -> Iterator[Server]:
-    """`python -m vrai_stream.cli serve` on a free loopback port, stopped on the way out."""
-    tmp_dir = base / "spool"
-    tmp_dir.mkdir(parents=True)
-    log_path = base / "server.log"
-    port = free_port()
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "vrai_stream.cli", "serve", "--port", str(port)],
-            env=server_env(tmp_dir, bitrate_kbps),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=REPO_DIR,
-        )
-    server = Server(f"http://127.0.0.1:{port}", process, tmp_dir, log_path)
-    try:
-        wait_ready(server)
-        yield server
-    finally:
-        stop(process)
-
-
-def wait_ready(server: Server, timeout: float = 60.0) -> None:
-    """Wait for /health, then for the background warm-up of the model to finish.
-
-    The model is part of idle: measuring before it loads would charge its ~100 MB to the
-    first upload.
-    """
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise RuntimeError(f"server exited at start-up:\n{server.log_path.read_text()}")
-        with contextlib.suppress(httpx.TransportError):
-            health = httpx.get(f"{server.url}/health", timeout=1)
-            if health.status_code == 200 and health.json().get("transcriberReady", True):
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"server not ready after {timeout:g} s:\n{server.log_path.read_text()}")
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def settle(pid: int, seconds: float = 1.0) -> TreeMemory:
@@ -423,14 +324,16 @@ async def upload(url: str, data: bytes) -> tuple[httpx.Response, bytes, UploadMa
     return response, body, marks
 
 
-def measure_service(server: Server, size_mb: int, data: bytes, idle: TreeMemory) -> ServiceRun:
+def measure_service(
+    server: ServerProcess, size_mb: int, data: bytes, idle: TreeMemory
+) -> ServiceRun:
     server.wait_idle()
     before = settle(server.process.pid, 0.3)
     with PeakSampler(server.process.pid) as sampler:
         response, body, marks = anyio.run(upload, server.url, data)
     if response.status_code != 200:
         print(f"  ! HTTP {response.status_code}: {body[:300]!r}", file=sys.stderr)
-    log = server.request_log(response.headers.get("x-request-id", ""))
+    log = server.request_logs().get(response.headers.get("x-request-id", ""), {})
     duration = response.headers.get("x-audio-duration")
     return ServiceRun(
         size_mb=size_mb,
@@ -455,11 +358,10 @@ def measure_service(server: Server, size_mb: int, data: bytes, idle: TreeMemory)
 def measure_raw_ffmpeg(size_mb: int, path: Path, out_dir: Path, bitrate_kbps: int) -> RawRun:
     """The floor: the same trim and encode, file to file, with nothing around it."""
     out = out_dir / f"raw-{size_mb}MB.mp3"
-    command = [
-        tool("ffmpeg"), "-hide_banner", "-loglevel", "error", "-nostdin", "-y",
+    command = ffmpeg_command(
         "-i", str(path), "-t", f"{WINDOW_SECONDS:g}",
         "-ac", "1", "-ar", "16000", "-b:a", f"{bitrate_kbps}k", str(out),
-    ]  # fmt: skip
+    )  # fmt: skip
     started = time.perf_counter()
     process = subprocess.Popen(command)
     with PeakSampler(process.pid) as sampler:
@@ -481,7 +383,7 @@ class Results:
     raw: list[RawRun] = field(default_factory=list)
 
 
-def warm_up(server: Server, folder: Path) -> None:
+def warm_up(server: ServerProcess, folder: Path) -> None:
     """One small upload first, so lazy imports and thread pools are part of idle."""
     path = folder / "warmup.caf"
     _mix(path, 5.0, None)
@@ -493,7 +395,7 @@ def warm_up(server: Server, folder: Path) -> None:
 
 def run_all(corpus: dict[int, Path], repeats: int, work: Path, bitrate_kbps: int) -> Results:
     results = Results()
-    with running_server(work / "server", bitrate_kbps) as server:
+    with running_service("server", work, **server_env(bitrate_kbps)) as server:
         pid = server.process.pid
         results.idle_after_start = settle(pid)
         warm_up(server, work)
