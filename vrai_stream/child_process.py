@@ -90,7 +90,7 @@ class ChildProcess:
         self.stdin = PipeWriter(popen.stdin) if popen.stdin else None
         self.stdout = PipeReader(popen.stdout) if popen.stdout else None
         self.stderr = PipeReader(popen.stderr) if popen.stderr else None
-        self._exit_fd = os.pidfd_open(popen.pid) if hasattr(os, "pidfd_open") else None
+        self._exit_fd = _open_pidfd(popen.pid)
         self._waiting = anyio.Lock()
 
     @property
@@ -128,6 +128,15 @@ class ChildProcess:
                 os.close(self._exit_fd)
                 self._exit_fd = None
         return code
+
+
+def _open_pidfd(pid: int) -> int | None:
+    """A descriptor that turns readable when the child exits; None where the kernel has none
+    (not Linux, Linux before 5.3, or a sandbox that refuses it): then its exit is polled."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
 
 
 async def spawn(
