@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from .s3_server import MotoServer, start_moto
 from .support import SENTENCE, Server, run_ffmpeg, speak, start_server
 
 
@@ -20,6 +21,14 @@ def anyio_backend() -> str:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """The service on embedded defaults, shared by the tests that do not change settings."""
     running = start_server(tmp_path_factory.mktemp("server"))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
+    """moto's S3 on loopback, started once: each test keeps to a bucket of its own."""
+    running = start_moto(tmp_path_factory.mktemp("moto"))
     yield running
     running.stop()
 

@@ -327,6 +327,14 @@ class FakeOpenAI:
     def chat_requests(self) -> list[Received]:
         return self.requests_to(CHAT_PATH)
 
+    def server_env(self) -> dict[str, str]:
+        """A server's settings to transcribe through this fake, with the key it started with."""
+        return {
+            "VRAI_TRANSCRIBER": "openai",
+            "OPENAI_API_KEY": self.initial_api_key,
+            "OPENAI_BASE_URL": self.base_url,
+        }
+
     def wait_for_requests(self, count: int, timeout: float = 10.0) -> list[Received]:
         deadline = time.monotonic() + timeout
         while len(self.requests) < count and time.monotonic() < deadline:

@@ -10,8 +10,12 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import json
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -72,6 +76,44 @@ class SigningKey:
             algorithm=alg or self.alg,
             headers={"kid": self.kid if kid is None else kid, **(headers or {})},
         )
+
+
+def claims_from(issuer: str, audience: str, subject: str, **changes: Any) -> dict[str, Any]:
+    """Claims valid for ten minutes, so a test changes only what it checks; `None` drops one."""
+    now = int(time.time())
+    values: dict[str, Any] = {
+        "iss": issuer,
+        "aud": audience,
+        "sub": subject,
+        "iat": now - 10,
+        "exp": now + 600,
+    }
+    values.update(changes)
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def b64url(data: bytes) -> str:
+    """Unpadded base64url, the encoding of each of a JWT's three parts."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def hand_made(header: dict[str, Any], payload: dict[str, Any], signature: bytes = b"") -> str:
+    """A JWT assembled by hand, for the algorithms and forms no honest library signs."""
+    return ".".join(
+        (
+            b64url(json.dumps(header).encode()),
+            b64url(json.dumps(payload).encode()),
+            b64url(signature),
+        )
+    )
+
+
+def hs256(payload: dict[str, Any], secret: bytes, kid: str) -> str:
+    """An HMAC-signed JWT: with a public key as `secret`, the HS/RS confusion attack."""
+    head = b64url(json.dumps({"alg": "HS256", "typ": "JWT", "kid": kid}).encode())
+    body = b64url(json.dumps(payload).encode())
+    mac = hmac.new(secret, f"{head}.{body}".encode(), hashlib.sha256).digest()
+    return f"{head}.{body}.{b64url(mac)}"
 
 
 class JwksServer:

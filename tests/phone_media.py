@@ -120,6 +120,18 @@ def caf_desc(
     )
 
 
+LPCM_DESC = caf_desc(
+    b"lpcm",
+    sample_rate=48000,
+    channels=1,
+    flags=2,
+    bytes_per_packet=2,
+    frames_per_packet=1,
+    bits_per_channel=16,
+)
+"""The CAF `desc` of 48 kHz mono 16-bit little-endian PCM, for the hand-built CAF heads."""
+
+
 def caf_chan(channels: int) -> bytes:
     """kAudioChannelLayoutTag_Mono or _Stereo, no bitmap, no descriptions."""
     tag = (100 << 16) | 1 if channels == 1 else (101 << 16) | 2

@@ -39,7 +39,7 @@ import httpx
 import psutil
 from botocore.config import Config
 
-from .support import Server, free_port, run_ffmpeg
+from .support import Server, free_port, launch, run_ffmpeg, stop_process
 
 REGION = "us-east-1"
 ACCESS_KEY_ID = "AKIDVRAISTREAMTEST"
@@ -62,41 +62,25 @@ class MotoServer:
         return port
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
 
 def start_moto(log_dir: Path, env: dict[str, str] | None = None) -> MotoServer:
     """moto's S3 (and IAM) API on a free loopback port, answering before this returns."""
     log_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
+    url = f"http://127.0.0.1:{port}"
     log_path = log_dir / f"moto-{port}.log"
     moto_env = {key: value for key, value in os.environ.items() if not key.startswith("AWS_")}
     moto_env.update(env or {})
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            env=moto_env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    moto = MotoServer(f"http://127.0.0.1:{port}", process, log_path)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"moto exited at start-up:\n{log_path.read_text()}")
-        try:
-            httpx.get(f"{moto.url}/moto-api/", timeout=1)
-            return moto
-        except httpx.TransportError:
-            time.sleep(0.05)
-    moto.stop()
-    raise RuntimeError(f"moto did not answer:\n{log_path.read_text()}")
+    process = launch(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        moto_env,
+        log_path,
+        name="moto",
+        probe=f"{url}/moto-api/",
+    )
+    return MotoServer(url, process, log_path)
 
 
 def s3_client(

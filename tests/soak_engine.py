@@ -59,12 +59,13 @@ from .s3_server import (
     ThrottlingProxy,
     multipart_uploads,
     new_bucket,
+    paced,
     s3_client,
     s3_env,
     start_moto,
     wait_ready,
 )
-from .support import SENTENCE, Server, speak, start_server
+from .support import SENTENCE, Server, form_body, speak, start_server
 
 MiB = 1024 * 1024
 API_KEY = "sk-soak-test-key"
@@ -495,19 +496,15 @@ def _small_fixtures() -> list[str]:
 
 
 def _form(fields: dict[str, str], file_field: str, filename: str, audio: bytes) -> bytes:
-    parts = [
-        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
-        for name, value in fields.items()
-    ]
-    parts.append(
-        (
-            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{file_field}"; '
-            f'filename="{filename}"\r\nContent-Type: application/octet-stream\r\n\r\n'
-        ).encode()
-        + audio
-        + b"\r\n"
+    """A planned request's form; its part says octet-stream, as many apps label it."""
+    return form_body(
+        BOUNDARY,
+        fields,
+        file_field,
+        audio,
+        filename=filename,
+        content_type="application/octet-stream",
     )
-    return b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
 
 
 def request_parts(planned: Planned, audio: bytes) -> tuple[str, dict[str, str], bytes]:
@@ -527,16 +524,6 @@ def request_parts(planned: Planned, audio: bytes) -> tuple[str, dict[str, str], 
         return LEGACY_FORM, content_type, _form(fields, "audio", "note.m4a", audio)
     fields = {"model": "whisper-1", "response_format": "json", **times}
     return OPENAI_FORM, content_type, _form(fields, "file", "note.m4a", audio)
-
-
-async def _paced(data: bytes, rate: float | None, chunk_size: int) -> AsyncIterator[bytes]:
-    started = anyio.current_time()
-    for offset in range(0, len(data), chunk_size):
-        if rate:
-            delay = started + offset / rate - anyio.current_time()
-            if delay > 0:
-                await anyio.sleep(delay)
-        yield data[offset : offset + chunk_size]
 
 
 # --- the environment -------------------------------------------------------------------------
@@ -570,9 +557,7 @@ def soak_environment(config: SoakConfig, work_dir: Path) -> Iterator[SoakEnviron
         with ThrottlingProxy(moto.url) as proxy, FakeOpenAI(api_key=API_KEY) as fake:
             env = {
                 **s3_env(proxy.url, bucket),
-                "VRAI_TRANSCRIBER": "openai",
-                "OPENAI_API_KEY": API_KEY,
-                "OPENAI_BASE_URL": fake.base_url,
+                **fake.server_env(),
                 "VRAI_OPENAI_TIMEOUT_SECONDS": f"{config.openai_timeout_seconds:g}",
                 "VRAI_OPENAI_MAX_RETRIES": str(config.openai_max_retries),
                 "VRAI_OPENAI_DEADLINE_SECONDS": f"{config.openai_deadline_seconds:g}",
@@ -661,7 +646,7 @@ class Sender:
             content = body
         else:
             chunk = 16 * 1024 if planned.rate else 64 * 1024
-            content = _paced(body, planned.rate, chunk)
+            content = paced(body, rate=planned.rate, chunk_size=chunk)
         response = await client.post(path, content=content, headers=headers)
         record.status = response.status_code
         record.request_id = response.headers.get("x-request-id", "")

@@ -8,12 +8,15 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import psutil
 
@@ -90,13 +93,63 @@ class Server:
         assert self.open_temp_files() == [], "a spool file is still open after its request"
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL if it is still there 10 s on: no test leaves a process behind."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def launch(
+    args: list[str],
+    env: dict[str, str],
+    log_path: Path,
+    *,
+    name: str,
+    probe: str,
+    status: int | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start a server and wait for `probe` (to give `status`, if set): tests never race it."""
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited at start-up:\n{log_path.read_text()}")
+        try:
+            if status in (None, httpx.get(probe, timeout=1).status_code):
+                return process
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    stop_process(process)
+    raise RuntimeError(f"{name} did not answer {probe}:\n{log_path.read_text()}")
+
+
+def service_env(tmp_dir: Path, overrides: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a `vrai_stream` process: no setting of the caller's shell leaks in."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("VRAI_", "OPENAI_", "AWS_")) and key not in ("BUCKET_NAME",)
+    }
+    env.update(
+        {
+            "HF_HUB_OFFLINE": "1",
+            "VRAI_TRANSCRIBER": "local",
+            "VRAI_TMP_DIR": str(tmp_dir),
+            "VRAI_DEBUG_STORE": "off",
+            **(overrides or {}),
+        }
+    )
+    return env
 
 
 def start_server(base_dir: Path, env: dict[str, str] | None = None) -> Server:
@@ -104,47 +157,44 @@ def start_server(base_dir: Path, env: dict[str, str] | None = None) -> Server:
     tmp_dir = base_dir / "spool"
     tmp_dir.mkdir(exist_ok=True)
     port = free_port()
-    server_env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("VRAI_", "OPENAI_", "AWS_")) and key not in ("BUCKET_NAME",)
-    }
-    server_env.update(
-        {
-            "HF_HUB_OFFLINE": "1",
-            "VRAI_TRANSCRIBER": "local",
-            "VRAI_TMP_DIR": str(tmp_dir),
-            "VRAI_DEBUG_STORE": "off",
-            "PYTHONUNBUFFERED": "1",
-        }
-    )
-    server_env.update(env or {})
+    url = f"http://127.0.0.1:{port}"
+    server_env = service_env(tmp_dir, {"PYTHONUNBUFFERED": "1", **(env or {})})
     log_path = base_dir / "server.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "vrai_stream.cli", "serve", "--port", str(port)],
-            env=server_env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    server = Server(
-        url=f"http://127.0.0.1:{port}",
-        process=process,
-        tmp_dir=tmp_dir,
-        log_path=log_path,
-        env=server_env,
+    process = launch(
+        [sys.executable, "-m", "vrai_stream.cli", "serve", "--port", str(port)],
+        server_env,
+        log_path,
+        name="server",
+        probe=f"{url}/health",
+        status=200,
     )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited at start-up:\n{log_path.read_text()}")
+    return Server(url=url, process=process, tmp_dir=tmp_dir, log_path=log_path, env=server_env)
+
+
+def start_servers(specs: dict[str, tuple[Path, dict[str, str]]]) -> dict[str, Server]:
+    """Start several servers at once: each spends its start-up importing, not waiting."""
+    started: dict[str, Server] = {}
+    failures: list[BaseException] = []
+
+    def start(name: str, folder: Path, env: dict[str, str]) -> None:
         try:
-            if httpx.get(f"{server.url}/health", timeout=1).status_code == 200:
-                return server
-        except httpx.TransportError:
-            time.sleep(0.05)
-    server.stop()
-    raise RuntimeError(f"server did not answer /health:\n{log_path.read_text()}")
+            started[name] = start_server(folder, env)
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [
+        threading.Thread(target=start, args=(name, folder, env))
+        for name, (folder, env) in specs.items()
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        for server in started.values():
+            server.stop()
+        raise failures[0]
+    return started
 
 
 def run_ffmpeg(*args: str) -> None:
@@ -178,15 +228,66 @@ async def chunked(
     data: bytes, *, chunk_size: int = 64 * 1024, delay: float = 0.0
 ) -> AsyncIterator[bytes]:
     """`data` as a chunked request body (an async generator makes httpx send it chunked)."""
-    import anyio
-
     for offset in range(0, len(data), chunk_size):
         if delay:
             await anyio.sleep(delay)
         yield data[offset : offset + chunk_size]
 
 
+def form_body(
+    boundary: str,
+    fields: dict[str, str],
+    file_field: str,
+    audio: bytes,
+    *,
+    filename: str,
+    content_type: str,
+) -> bytes:
+    """A whole multipart form as apps send one: the fields first, then the recording."""
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+        for name, value in fields.items()
+    ]
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{file_field}"; '
+        f'filename="{filename}"\r\nContent-Type: {content_type}\r\n\r\n'
+    ).encode()
+    return b"".join(parts) + head + audio + b"\r\n" + f"--{boundary}--\r\n".encode()
+
+
 def has_words(text: str, words: tuple[str, ...], *, at_least: int | None = None) -> bool:
     lowered = text.lower()
     found = sum(word in lowered for word in words)
     return found >= (len(words) if at_least is None else at_least)
+
+
+class Pending:
+    """A request sent in a task of its own, so that the test can act while the server works."""
+
+    def __init__(self) -> None:
+        self.answer: httpx.Response | None = None
+
+    @property
+    def response(self) -> httpx.Response:
+        """The answer; asking before the request is over is the test's own mistake."""
+        assert self.answer is not None, "the request has not been answered yet"
+        return self.answer
+
+
+@asynccontextmanager
+async def posting(
+    client: httpx.AsyncClient,
+    url: str,
+    *,
+    content: bytes | AsyncIterable[bytes],
+    headers: dict[str, str] | None = None,
+) -> AsyncIterator[Pending]:
+    """POST in the background while the block runs; leaving the block waits for the answer."""
+    pending = Pending()
+
+    async def send() -> None:
+        pending.answer = await client.post(url, content=content, headers=headers)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(send)
+        yield pending

@@ -9,9 +9,7 @@ that reach a client.
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import hmac
 import json
 import secrets
 import time
@@ -40,7 +38,15 @@ from vrai_stream.auth import (
     parse_token_table,
 )
 
-from .jwks_server import JwksServer, SigningKey, jwks_server
+from .jwks_server import (
+    JwksServer,
+    SigningKey,
+    b64url,
+    claims_from,
+    hand_made,
+    hs256,
+    jwks_server,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -52,6 +58,8 @@ PLAIN_CHALLENGE = 'Bearer realm="vrai-stream"'
 INVALID_CHALLENGE = 'Bearer realm="vrai-stream", error="invalid_token", error_description="'
 
 Build = Callable[..., JwtAuthenticator]
+TIMED = {"exp", "nbf", "iat", "auth_time"}
+"""The claims that are times: the parametrized cases give them in seconds from now."""
 
 
 # --- keys, servers, tokens -------------------------------------------------------------------
@@ -107,16 +115,7 @@ async def build(jwks: JwksServer) -> AsyncIterator[Build]:
 
 def claims(**changes: Any) -> dict[str, Any]:
     """Valid `jwt`-mode claims; a change to `None` drops that claim."""
-    now = int(time.time())
-    values: dict[str, Any] = {
-        "iss": ISSUER,
-        "aud": AUDIENCE,
-        "sub": "user-1",
-        "iat": now - 10,
-        "exp": now + 600,
-    }
-    values.update(changes)
-    return {name: value for name, value in values.items() if value is not None}
+    return claims_from(ISSUER, AUDIENCE, "user-1", **changes)
 
 
 def firebase_claims(**changes: Any) -> dict[str, Any]:
@@ -124,26 +123,19 @@ def firebase_claims(**changes: Any) -> dict[str, Any]:
     return claims(**{"iss": FIREBASE_ISSUER, "aud": PROJECT, "auth_time": now - 3600, **changes})
 
 
+def from_now(changes: dict[str, Any]) -> dict[str, Any]:
+    """Times given as seconds from now become timestamps, so a case means the same every run."""
+    now = int(time.time())
+    return {
+        name: now + value
+        if name in TIMED and isinstance(value, int) and not isinstance(value, bool)
+        else value
+        for name, value in changes.items()
+    }
+
+
 def bearer(token: str) -> str:
     return f"Bearer {token}"
-
-
-def b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def unsigned(header: dict[str, Any], payload: dict[str, Any], signature: bytes = b"") -> str:
-    """A JWT assembled by hand: for the algorithms no honest library will sign with."""
-    return ".".join(
-        (b64(json.dumps(header).encode()), b64(json.dumps(payload).encode()), b64(signature))
-    )
-
-
-def hs256(payload: dict[str, Any], secret: bytes, kid: str) -> str:
-    head = b64(json.dumps({"alg": "HS256", "typ": "JWT", "kid": kid}).encode())
-    body = b64(json.dumps(payload).encode())
-    mac = hmac.new(secret, f"{head}.{body}".encode(), hashlib.sha256).digest()
-    return f"{head}.{body}.{b64(mac)}"
 
 
 async def refused(authenticator: Any, header: str | None) -> errors.Unauthorized:
@@ -452,13 +444,7 @@ async def test_any_listed_audience_is_accepted(build: Build, key_a: SigningKey) 
 async def test_claims_are_checked(
     build: Build, key_a: SigningKey, changes: dict[str, Any], words: str
 ) -> None:
-    now = int(time.time())
-    timed = {"exp", "nbf", "iat"}
-    changes = {
-        name: now + value if name in timed and isinstance(value, int) else value
-        for name, value in changes.items()
-    }
-    await invalid(build(), bearer(key_a.sign(claims(**changes))), words)
+    await invalid(build(), bearer(key_a.sign(claims(**from_now(changes)))), words)
 
 
 async def test_clock_leeway_is_a_setting(build: Build, key_a: SigningKey) -> None:
@@ -472,7 +458,7 @@ async def test_alg_none_is_refused_without_a_fetch(
 ) -> None:
     authenticator = build()
     for alg in ("none", "None", "NONE"):
-        token = unsigned({"alg": alg, "typ": "JWT", "kid": key_a.kid}, claims())
+        token = hand_made({"alg": alg, "typ": "JWT", "kid": key_a.kid}, claims())
         await invalid(authenticator, bearer(token), "algorithm is not accepted")
     assert jwks.fetches == 0
     stripped = key_a.sign(claims()).rsplit(".", 1)[0] + "."  # a real token, signature dropped
@@ -491,8 +477,8 @@ async def test_hs256_signed_with_the_public_key_is_refused(
     jwks.publish(
         key_a,
         extra=[
-            {"kty": "oct", "kid": "shared", "k": b64(b"shared-secret"), "alg": "HS256"},
-            {"kty": "oct", "kid": key_a.kid, "k": b64(key_a.public_pem())},
+            {"kty": "oct", "kid": "shared", "k": b64url(b"shared-secret"), "alg": "HS256"},
+            {"kty": "oct", "kid": key_a.kid, "k": b64url(key_a.public_pem())},
         ],
     )
     wider = build(algorithms="RS256,ES256")
@@ -524,7 +510,7 @@ async def test_a_forged_signature_is_refused(
     await invalid(build(), bearer(forged), "signature is invalid")
     good = key_a.sign(claims())
     head, _, signature = good.split(".")
-    other_body = b64(json.dumps(claims(sub="admin")).encode())
+    other_body = b64url(json.dumps(claims(sub="admin")).encode())
     await invalid(build(), bearer(f"{head}.{other_body}.{signature}"), "signature is invalid")
 
 
@@ -536,9 +522,9 @@ async def test_a_forged_signature_is_refused(
         ("a.b", "malformed"),
         ("a.b.c.d", "malformed"),
         ("e30.e30.", "algorithm is not accepted"),  # {} as header: no alg at all
-        (b64(b'{"alg":"RS256"}') + ".e30.c2ln", "does not name its signing key"),
-        (b64(b'{"alg":"RS256","kid":7}') + ".e30.c2ln", "malformed"),
-        (b64(b"[1,2]") + ".e30.c2ln", "malformed"),
+        (b64url(b'{"alg":"RS256"}') + ".e30.c2ln", "does not name its signing key"),
+        (b64url(b'{"alg":"RS256","kid":7}') + ".e30.c2ln", "malformed"),
+        (b64url(b"[1,2]") + ".e30.c2ln", "malformed"),
     ],
 )
 async def test_garbage_is_refused(build: Build, jwks: JwksServer, token: str, words: str) -> None:
@@ -593,15 +579,8 @@ async def test_a_firebase_id_token_names_its_uid(build: Build, key_a: SigningKey
 async def test_firebase_rules(
     build: Build, key_a: SigningKey, changes: dict[str, Any], words: str
 ) -> None:
-    now = int(time.time())
-    timed = {"exp", "iat", "auth_time"}
-    changes = {
-        name: now + value
-        if name in timed and isinstance(value, int) and not isinstance(value, bool)
-        else value
-        for name, value in changes.items()
-    }
-    await invalid(build("firebase"), bearer(key_a.sign(firebase_claims(**changes))), words)
+    token = key_a.sign(firebase_claims(**from_now(changes)))
+    await invalid(build("firebase"), bearer(token), words)
 
 
 async def test_firebase_accepts_rs256_only(
@@ -789,6 +768,18 @@ async def test_a_hung_jwks_endpoint_times_out(
     assert time.monotonic() - started < 1.5
 
 
+async def assert_fetches_around(
+    authenticator: JwtAuthenticator, token: str, jwks: JwksServer, fetches: tuple[int, int]
+) -> None:
+    """The JWKS fetch count within INTERVAL (twice authenticated) and after it: the cache's life."""
+    await authenticator.authenticate(token)
+    await authenticator.authenticate(token)
+    assert jwks.fetches == fetches[0]
+    await anyio.sleep(INTERVAL)
+    await authenticator.authenticate(token)
+    assert jwks.fetches == fetches[1]
+
+
 async def test_cache_control_is_followed_within_bounds(
     build: Build, jwks: JwksServer, key_a: SigningKey
 ) -> None:
@@ -796,24 +787,14 @@ async def test_cache_control_is_followed_within_bounds(
     # max-age=0 is raised to the floor: no refetch within it, one after it
     jwks.cache_control = "max-age=0"
     floor = build(jwks_cache_min_seconds=INTERVAL, jwks_refresh_interval_seconds=0)
-    await floor.authenticate(token)
-    await floor.authenticate(token)
-    assert jwks.fetches == 1
-    await anyio.sleep(INTERVAL)
-    await floor.authenticate(token)
-    assert jwks.fetches == 2
+    await assert_fetches_around(floor, token, jwks, (1, 2))
 
     # a day's max-age is cut to the ceiling
     jwks.cache_control = "public, max-age=86400"
     ceiling = build(
         jwks_cache_min_seconds=0, jwks_cache_max_seconds=INTERVAL, jwks_refresh_interval_seconds=0
     )
-    await ceiling.authenticate(token)
-    await ceiling.authenticate(token)
-    assert jwks.fetches == 3
-    await anyio.sleep(INTERVAL)
-    await ceiling.authenticate(token)
-    assert jwks.fetches == 4
+    await assert_fetches_around(ceiling, token, jwks, (3, 4))
 
 
 @pytest.mark.parametrize(

@@ -14,8 +14,6 @@ client sending `Expect: 100-continue` never gets the `100 Continue` that would m
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
 import json
 import secrets
 import time
@@ -31,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from vrai_stream.auth import FIREBASE_ISSUER_PREFIX, hash_token
 
 from .fake_openai import FakeOpenAI
-from .jwks_server import JwksServer, SigningKey, jwks_server
+from .jwks_server import JwksServer, SigningKey, claims_from, hand_made, hs256, jwks_server
 from .support import SENTENCE_WORDS, Server, chunked, has_words, start_server
 from .test_errors import CHUNKED, chunk_frame, raw_connection, read_response, request_head
 
@@ -82,9 +80,7 @@ def _start(factory: pytest.TempPathFactory, name: str, upstream: FakeOpenAI, **e
     return start_server(
         factory.mktemp(name),
         {
-            "VRAI_TRANSCRIBER": "openai",
-            "OPENAI_API_KEY": UPSTREAM_KEY,
-            "OPENAI_BASE_URL": upstream.base_url,
+            **upstream.server_env(),
             **env,
         },
     )
@@ -137,16 +133,7 @@ def firebase_server(
 
 def claims(**changes: Any) -> dict[str, Any]:
     """Valid `jwt`-mode claims; a change to `None` drops that claim."""
-    now = int(time.time())
-    values: dict[str, Any] = {
-        "iss": ISSUER,
-        "aud": AUDIENCE,
-        "sub": "user-jwt-1",
-        "iat": now - 10,
-        "exp": now + 600,
-    }
-    values.update(changes)
-    return {name: value for name, value in values.items() if value is not None}
+    return claims_from(ISSUER, AUDIENCE, "user-jwt-1", **changes)
 
 
 def firebase_claims(**changes: Any) -> dict[str, Any]:
@@ -158,29 +145,6 @@ def firebase_claims(**changes: Any) -> dict[str, Any]:
         "auth_time": now - 3600,
     }
     return claims(**{**base, **changes})
-
-
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def hand_made(header: dict[str, Any], payload: dict[str, Any], signature: bytes = b"") -> str:
-    """A JWT assembled by hand, for what no honest library signs."""
-    return ".".join(
-        (
-            b64url(json.dumps(header).encode()),
-            b64url(json.dumps(payload).encode()),
-            b64url(signature),
-        )
-    )
-
-
-def hs256_with_public_key(key: SigningKey) -> str:
-    """The HS/RS confusion: an HMAC "signed" with the issuer's public key as its secret."""
-    head = b64url(json.dumps({"alg": "HS256", "typ": "JWT", "kid": key.kid}).encode())
-    body = b64url(json.dumps(claims(sub="attacker")).encode())
-    mac = hmac.new(key.public_pem(), f"{head}.{body}".encode(), hashlib.sha256).digest()
-    return f"{head}.{body}.{b64url(mac)}"
 
 
 # --- requests ---------------------------------------------------------------------------------
@@ -372,7 +336,7 @@ def bad_tokens(key: SigningKey, other_key: SigningKey) -> dict[str, tuple[str | 
         "wrong-aud": (key.sign(claims(aud="someone-else")), True),
         "wrong-iss": (key.sign(claims(iss="https://evil.example")), True),
         "alg-none": (hand_made({"alg": "none", "typ": "JWT", "kid": key.kid}, claims()), True),
-        "hs256-public-key": (hs256_with_public_key(key), True),
+        "hs256-public-key": (hs256(claims(sub="attacker"), key.public_pem(), key.kid), True),
         "unknown-kid": (other_key.sign(claims()), True),
         "forged-signature": (other_key.sign(claims(), kid=key.kid), True),
         "no-sub": (key.sign(claims(sub=None)), True),

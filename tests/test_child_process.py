@@ -13,13 +13,24 @@ import subprocess
 import anyio
 import pytest
 
-from vrai_stream.child_process import kill_unreaped, spawn
+from vrai_stream.child_process import ChildProcess, kill_unreaped, spawn
 
 pytestmark = pytest.mark.anyio
 
 
 def open_fds() -> set[int]:
     return {int(fd) for fd in os.listdir("/proc/self/fd")}
+
+
+async def spawn_quiet(command: list[str]) -> ChildProcess:
+    """A child with no pipes, in a session of its own as ffmpeg's are: only its exit matters."""
+    return await spawn(
+        command,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 async def test_bytes_go_through_a_child_and_it_is_reaped() -> None:
@@ -67,13 +78,7 @@ async def test_writing_to_a_child_that_exited_is_a_broken_resource() -> None:
 
 
 async def test_two_waiters_and_a_signal() -> None:
-    child = await spawn(
-        ["sleep", "30"],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    child = await spawn_quiet(["sleep", "30"])
     codes: list[int] = []
 
     async def wait() -> None:
@@ -94,25 +99,13 @@ async def test_without_a_pidfd_the_exit_is_polled(monkeypatch: pytest.MonkeyPatc
         raise OSError(38, "Function not implemented")
 
     monkeypatch.setattr(os, "pidfd_open", refuse)
-    child = await spawn(
-        ["sh", "-c", "sleep 0.2; exit 7"],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    child = await spawn_quiet(["sh", "-c", "sleep 0.2; exit 7"])
     with anyio.fail_after(5):
         assert await child.wait() == 7
 
 
 async def test_kill_unreaped_ends_children_a_cancelled_job_left() -> None:
-    child = await spawn(
-        ["sleep", "30"],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    child = await spawn_quiet(["sleep", "30"])
     assert child.returncode is None
     kill_unreaped()  # what the server's shutdown does last
     assert child.returncode == -signal.SIGKILL

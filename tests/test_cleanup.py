@@ -20,7 +20,7 @@ import anyio
 import httpx
 import pytest
 
-from .support import SENTENCE_WORDS, Server, chunked, has_words, start_server
+from .support import SENTENCE_WORDS, Server, chunked, has_words, posting, start_server
 from .test_errors import (
     CHUNKED,
     ENDPOINT,
@@ -81,25 +81,20 @@ async def test_output_spooled_to_disk_is_removed_after_success(
     server = disk_server
     audio = (media / "padded.wav").read_bytes()  # 4 s of silence, the sentence, 4 s more
     release = anyio.Event()
-    response: dict[str, httpx.Response] = {}
 
     async with (
         httpx.AsyncClient(base_url=server.url, timeout=60) as client,
-        anyio.create_task_group() as group,
+        posting(
+            client, ENDPOINT, content=gated(audio, first=len(audio) * 7 // 10, gate=release)
+        ) as upload,
     ):
-
-        async def upload() -> None:
-            response["ok"] = await client.post(
-                ENDPOINT, content=gated(audio, first=len(audio) * 7 // 10, gate=release)
-            )
-
-        group.start_soon(upload)
         # ffmpeg has had 7 s of audio: its MP3 so far must be in a file, not in memory.
         await wait_for_spool_file(server)
         release.set()
 
-    assert response["ok"].status_code == 200, response["ok"].text
-    body = response["ok"].json()
+    response = upload.response
+    assert response.status_code == 200, response.text
+    body = response.json()
     assert has_words(body["transcription"], SENTENCE_WORDS, at_least=3), body
     [line] = log_lines_for(server, body["requestId"])
     assert line["outputSpooledToDisk"] is True, line

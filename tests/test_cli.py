@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from .support import SENTENCE_WORDS, Server, has_words
+from .support import SENTENCE_WORDS, Server, has_words, service_env
 from .test_errors import ENDPOINT, ERROR_KEYS
 
 
@@ -21,23 +20,9 @@ def run_cli(
 ) -> subprocess.CompletedProcess[str]:
     spool = tmp_path / "cli-spool"
     spool.mkdir(exist_ok=True)
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("VRAI_", "OPENAI_", "AWS_")) and key not in ("BUCKET_NAME",)
-    }
-    env.update(
-        {
-            "HF_HUB_OFFLINE": "1",
-            "VRAI_TRANSCRIBER": "local",
-            "VRAI_DEBUG_STORE": "off",
-            "VRAI_TMP_DIR": str(spool),
-            **(env_overrides or {}),
-        }
-    )
     finished = subprocess.run(
         [sys.executable, "-m", "vrai_stream.cli", *args],
-        env=env,
+        env=service_env(spool, env_overrides),
         capture_output=True,
         text=True,
         timeout=120,

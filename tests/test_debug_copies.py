@@ -72,13 +72,6 @@ NO_TRANSCRIBER = no_transcriber()
 
 
 @pytest.fixture(scope="session")
-def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
-    running = start_moto(tmp_path_factory.mktemp("moto"))
-    yield running
-    running.stop()
-
-
-@pytest.fixture(scope="session")
 def s3(moto: MotoServer) -> Any:
     """The tests' own client, straight to moto (never through a test's proxy)."""
     return s3_client(moto.url)

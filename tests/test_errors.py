@@ -27,7 +27,7 @@ import httpx
 import psutil
 import pytest
 
-from .support import Server, chunked, start_server
+from .support import Server, chunked, posting, start_server
 
 pytestmark = pytest.mark.anyio
 
@@ -354,35 +354,30 @@ async def test_busy_is_503_with_retry_after_before_the_body_is_read(
     server: Server = make_server(VRAI_MAX_JOBS="1", VRAI_MAX_QUEUE="0")
     audio = (media / "tone60.wav").read_bytes()
     release = anyio.Event()
-    slow: dict[str, httpx.Response] = {}
 
     async with (
         httpx.AsyncClient(base_url=server.url, timeout=30) as client,
-        anyio.create_task_group() as group,
+        # Holds the only slot: part of the body, then nothing until released.
+        posting(
+            client,
+            f"{ENDPOINT}?fromTime=0&toTime=1",
+            content=gated(audio, first=256 * 1024, gate=release),
+            headers={"Accept": "audio/mpeg"},
+        ) as slow,
     ):
-
-        async def slow_upload() -> None:
-            # Holds the only slot: part of the body, then nothing until released.
-            slow["response"] = await client.post(
-                f"{ENDPOINT}?fromTime=0&toTime=1",
-                content=gated(audio, first=256 * 1024, gate=release),
-                headers={"Accept": "audio/mpeg"},
-            )
-
-        group.start_soon(slow_upload)
         await wait_for_running_jobs(client, 1)
 
         # The second upload declares a body and sends none of it: only admission can answer.
         async with raw_connection(server) as stream:
             await stream.send(request_head(ENDPOINT, {"Content-Length": "1000000"}))
             refused = await read_response(stream, within=5)
-        assert "response" not in slow, "the 503 must come while the slot is held"
+        assert slow.answer is None, "the 503 must come while the slot is held"
         release.set()
 
     assert_raw_error(refused, expected=503, code="busy")
     retry_after = refused.headers.get("retry-after", "")
     assert retry_after.isdigit() and int(retry_after) > 0, refused.headers
-    assert slow["response"].status_code == 200, slow["response"].text
+    assert slow.response.status_code == 200, slow.response.text
     server.wait_idle()
 
 

@@ -30,7 +30,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -50,11 +49,19 @@ from .s3_server import (
     no_transcriber,
     s3_client,
     s3_env,
-    start_moto,
     wait_no_multipart,
     wait_ready,
 )
-from .support import SENTENCE_WORDS, Server, chunked, has_words, start_server
+from .support import (
+    SENTENCE_WORDS,
+    Server,
+    chunked,
+    form_body,
+    has_words,
+    posting,
+    start_server,
+    start_servers,
+)
 from .test_errors import (
     CHUNKED,
     ENDPOINT,
@@ -76,38 +83,13 @@ UPSTREAM_KEY = "sk-faults-upstream"
 BOUNDARY = "----vrai-faults-b6c1"
 DISK_CAP = 7_000_000
 """Room for one 6.5 MB seekable spool, not for two, nor for a 7.7 MB one."""
+MP3 = {"Accept": "audio/mpeg"}
 
 
 @pytest.fixture(scope="session")
 def phones(media: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, PhoneFile]:
     # The same folder as test_phone_formats': the matrix is built once per session.
     return phone_files(tmp_path_factory.getbasetemp() / "phones", media / "sentence.wav")
-
-
-def start_many(specs: dict[str, tuple[Path, dict[str, str]]]) -> dict[str, Server]:
-    """Start several servers at once: each spends its start-up importing, not waiting."""
-    started: dict[str, Server] = {}
-    failures: list[BaseException] = []
-
-    def start(name: str, folder: Path, env: dict[str, str]) -> None:
-        try:
-            started[name] = start_server(folder, env)
-        except BaseException as exc:
-            failures.append(exc)
-
-    threads = [
-        threading.Thread(target=start, args=(name, folder, env))
-        for name, (folder, env) in specs.items()
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if failures:
-        for server in started.values():
-            server.stop()
-        raise failures[0]
-    return started
 
 
 @pytest.fixture(scope="module")
@@ -177,26 +159,21 @@ async def test_ffmpeg_killed_while_reading_a_chunked_upload(
     server = limits_server
     tone = (media / "tone60.wav").read_bytes()  # 60 s: ffmpeg needs all of it for the window
     release = anyio.Event()
-    answer: dict[str, httpx.Response] = {}
     async with (
         httpx.AsyncClient(base_url=server.url, timeout=60) as client,
-        anyio.create_task_group() as group,
+        posting(
+            client,
+            f"{ENDPOINT}?fromTime=0&toTime=60",
+            content=gated(tone, first=512 * 1024, gate=release),
+            headers=MP3,
+        ) as upload,
     ):
-
-        async def upload() -> None:
-            answer["response"] = await client.post(
-                f"{ENDPOINT}?fromTime=0&toTime=60",
-                content=gated(tone, first=512 * 1024, gate=release),
-                headers={"Accept": "audio/mpeg"},
-            )
-
-        group.start_soon(upload)
         killed = await kill_ffmpeg_when_it_runs(server)
         await anyio.sleep(0.2)
         assert not psutil.pid_exists(killed) or psutil.Process(killed).status() == "zombie"
         release.set()  # the rest of the body goes up after the kill, and must be read
 
-    response = answer["response"]
+    response = upload.response
     status, code = error_of(response)
     assert (status, code) in KILLED_ANSWERS, response.text
     assert_error(
@@ -219,22 +196,14 @@ async def test_ffmpeg_killed_while_decoding_a_seekable_spool(
     (a window 200-500 s into a 9-minute recording keeps it busy for a while)."""
     server = limits_server
     m4a = phones["m4a-moov-last"].read()
-    answer: dict[str, httpx.Response] = {}
     async with (
         httpx.AsyncClient(base_url=server.url, timeout=60) as client,
-        anyio.create_task_group() as group,
+        posting(
+            client, f"{ENDPOINT}?fromTime=200&toTime=500", content=chunked(m4a), headers=MP3
+        ) as upload,
     ):
-
-        async def upload() -> None:
-            answer["response"] = await client.post(
-                f"{ENDPOINT}?fromTime=200&toTime=500",
-                content=chunked(m4a),
-                headers={"Accept": "audio/mpeg"},
-            )
-
-        group.start_soon(upload)
         await kill_ffmpeg_when_it_runs(server, within=30)
-    response = answer["response"]
+    response = upload.response
     status, code = error_of(response)
     assert (status, code) in KILLED_ANSWERS, response.text
     assert_clear_message(response.json()["message"], server)
@@ -242,6 +211,27 @@ async def test_ffmpeg_killed_while_decoding_a_seekable_spool(
 
 
 # --- the spool's disk full -------------------------------------------------------------------
+
+
+async def post_mp3(client: httpx.AsyncClient, query: str, data: bytes) -> httpx.Response:
+    """POST `data` chunked for the window's MP3: an MP3 answer goes through the output spool."""
+    return await client.post(f"{ENDPOINT}?{query}", content=chunked(data), headers=MP3)
+
+
+def assert_disk_full(response: httpx.Response, server: Server) -> None:
+    """A full disk must be a clear 507 that leaves nothing behind, whichever spool filled it."""
+    assert error_of(response) == (507, "disk_full"), response.text
+    assert_clear_message(response.json()["message"], server)
+    server.wait_idle()
+
+
+async def full_then_fits(server: Server, full: tuple[str, bytes], fits: tuple[str, bytes]) -> None:
+    """(query, body) that overflows the disk, then one that fits: a failed job frees its room."""
+    async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+        assert_disk_full(await post_mp3(client, *full), server)
+        fitted = await post_mp3(client, *fits)
+    assert fitted.status_code == 200, fitted.text
+    server.wait_idle()
 
 
 async def test_disk_cap_setting_is_507_mid_upload_and_gives_its_share_back(
@@ -253,23 +243,12 @@ async def test_disk_cap_setting_is_507_mid_upload_and_gives_its_share_back(
     too_large = phones["caf-alac"].read()  # 7.7 MB
     pair = [phones["m4a-moov-last"].read(), phones["caf-aac-pakt-last"].read()]  # 6.5 MB each
     async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
-
-        async def upload(data: bytes) -> httpx.Response:
-            return await client.post(
-                f"{ENDPOINT}?fromTime=0&toTime=4",
-                content=chunked(data),
-                headers={"Accept": "audio/mpeg"},
-            )
-
-        alone = await upload(too_large)
-        assert error_of(alone) == (507, "disk_full"), alone.text
-        assert_clear_message(alone.json()["message"], server)
-        server.wait_idle()
+        assert_disk_full(await post_mp3(client, "fromTime=0&toTime=4", too_large), server)
 
         answers: list[httpx.Response] = []
 
         async def collect(data: bytes) -> None:
-            answers.append(await upload(data))
+            answers.append(await post_mp3(client, "fromTime=0&toTime=4", data))
 
         async with anyio.create_task_group() as group:
             for data in pair:
@@ -281,7 +260,7 @@ async def test_disk_cap_setting_is_507_mid_upload_and_gives_its_share_back(
 
         # Every failed job gave its share back: a 6.5 MB spool fits again, twice in a row.
         for data in pair:
-            fits = await upload(data)
+            fits = await post_mp3(client, "fromTime=0&toTime=4", data)
             assert fits.status_code == 200, fits.text
     server.wait_idle()
 
@@ -373,23 +352,10 @@ async def test_real_enospc_on_the_input_spool_is_507(
     disk = small_disk()
     server = disk.server
     large = phones["caf-aac-pakt-last"].read()  # 6.5 MB, seekable: spooled before ffmpeg
-    async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
-        full = await client.post(
-            f"{ENDPOINT}?fromTime=0&toTime=4",
-            content=chunked(large),
-            headers={"Accept": "audio/mpeg"},
-        )
-        assert error_of(full) == (507, "disk_full"), full.text
-        assert_clear_message(full.json()["message"], server)
-        server.wait_idle()
-        # The failed job's file is gone, so the disk has room again.
-        fits = await client.post(
-            f"{ENDPOINT}?fromTime=0&toTime=4",
-            content=chunked(phones["3gp-amr"].read()),
-            headers={"Accept": "audio/mpeg"},
-        )
-    assert fits.status_code == 200, fits.text
-    server.wait_idle()
+    # The failed job's file is gone, so the disk has room again.
+    await full_then_fits(
+        server, ("fromTime=0&toTime=4", large), ("fromTime=0&toTime=4", phones["3gp-amr"].read())
+    )
     if disk.mounted:
         assert disk.free_bytes() > 1.9 * MiB, "the spool files were not freed"
 
@@ -405,22 +371,7 @@ async def test_real_enospc_on_the_output_spool_is_507(
     disk = small_disk(leave_free=100 * 1024)
     server = disk.server
     tone = (media / "tone60.wav").read_bytes()
-    async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
-        full = await client.post(
-            f"{ENDPOINT}?fromTime=0&toTime=60",
-            content=chunked(tone),
-            headers={"Accept": "audio/mpeg"},
-        )
-        assert error_of(full) == (507, "disk_full"), full.text
-        assert_clear_message(full.json()["message"], server)
-        server.wait_idle()
-        fits = await client.post(
-            f"{ENDPOINT}?fromTime=0&toTime=5",
-            content=chunked(tone),
-            headers={"Accept": "audio/mpeg"},
-        )
-    assert fits.status_code == 200, fits.text
-    server.wait_idle()
+    await full_then_fits(server, ("fromTime=0&toTime=60", tone), ("fromTime=0&toTime=5", tone))
 
 
 async def test_enospc_at_the_output_spools_last_flush_is_507_not_500(
@@ -439,15 +390,9 @@ async def test_enospc_at_the_output_spools_last_flush_is_507_not_500(
     server = disk.server
     tone = (media / "tone60.wav").read_bytes()
     async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
-        response = await client.post(
-            f"{ENDPOINT}?fromTime=0&toTime=0.3",
-            content=chunked(tone[:400_000]),
-            headers={"Accept": "audio/mpeg"},
-        )
+        response = await post_mp3(client, "fromTime=0&toTime=0.3", tone[:400_000])
         metrics = (await client.get("/metrics")).text
-    assert error_of(response) == (507, "disk_full"), response.text
-    assert_clear_message(response.json()["message"], server)
-    server.wait_idle()
+    assert_disk_full(response, server)
     failures = [
         entry
         for entry in server.logs()
@@ -461,15 +406,10 @@ async def test_enospc_at_the_output_spools_last_flush_is_507_not_500(
 
 
 def _form(fields: dict[str, str], file_field: str, audio: bytes) -> bytes:
-    parts = [
-        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
-        for name, value in fields.items()
-    ]
-    head = (
-        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{file_field}"; '
-        'filename="note.m4a"\r\nContent-Type: audio/mp4\r\n\r\n'
-    ).encode()
-    return b"".join(parts) + head + audio + b"\r\n" + f"--{BOUNDARY}--\r\n".encode()
+    """A phone's M4A upload as a multipart form, for the endpoints that take one."""
+    return form_body(
+        BOUNDARY, fields, file_field, audio, filename="note.m4a", content_type="audio/mp4"
+    )
 
 
 def stalled_uploads(media: Path, phones: dict[str, PhoneFile]) -> dict[str, tuple[bytes, bytes]]:
@@ -543,9 +483,7 @@ DEADLINE = {"timeout": 30.0, "retries": 2, "deadline": 1.5}
 
 def openai_env(fake: FakeOpenAI, limits: dict[str, float]) -> dict[str, str]:
     return {
-        "VRAI_TRANSCRIBER": "openai",
-        "OPENAI_API_KEY": UPSTREAM_KEY,
-        "OPENAI_BASE_URL": fake.base_url,
+        **fake.server_env(),
         "VRAI_OPENAI_TIMEOUT_SECONDS": f"{limits['timeout']:g}",
         "VRAI_OPENAI_MAX_RETRIES": f"{limits['retries']:g}",
         "VRAI_OPENAI_DEADLINE_SECONDS": f"{limits['deadline']:g}",
@@ -557,7 +495,7 @@ def hang_servers(
     tmp_path_factory: pytest.TempPathFactory, upstream: FakeOpenAI
 ) -> Iterator[dict[str, Server]]:
     base = tmp_path_factory.mktemp("hang")
-    servers = start_many(
+    servers = start_servers(
         {
             "per-attempt": (base / "per-attempt", openai_env(upstream, PER_ATTEMPT)),
             "deadline": (base / "deadline", openai_env(upstream, DEADLINE)),
@@ -601,7 +539,7 @@ async def prime_the_fakes_cache(server: Server, fake: FakeOpenAI, audio: bytes) 
         mp3 = await client.post(
             f"{server.url}{ENDPOINT}?fromTime=0&toTime=8",
             content=audio,
-            headers={"Accept": "audio/mpeg"},
+            headers=MP3,
         )
         assert mp3.status_code == 200, mp3.text
         primed = await client.post(
@@ -613,11 +551,10 @@ async def prime_the_fakes_cache(server: Server, fake: FakeOpenAI, audio: bytes) 
         assert primed.status_code == 200, primed.text
 
 
-async def test_hanging_upstream_is_504_after_the_attempts_time_out(
-    hang_servers: dict[str, Server], upstream: FakeOpenAI, media: Path
-) -> None:
-    """Timeout 1 s per attempt, 1 retry: 504 after 2 attempts of 1 s and the SDK's backoff."""
-    server = hang_servers["per-attempt"]
+async def hung_upstream_504(
+    server: Server, upstream: FakeOpenAI, media: Path
+) -> tuple[float, list[Any]]:
+    """The 504 when no attempt is ever answered: seconds spent transcribing, attempts made."""
     upstream.reset()
     upstream.hang(60, times=None, status=500)  # answers (to nobody) once the SDK gave up
     response, _ = await transcribe_timed(server, (media / "sentence.wav").read_bytes())
@@ -631,6 +568,15 @@ async def test_hanging_upstream_is_504_after_the_attempts_time_out(
     waited = transcribe_seconds(server, response.headers["x-request-id"])
     attempts = settled_attempts(upstream)
     upstream.reset()
+    return waited, attempts
+
+
+async def test_hanging_upstream_is_504_after_the_attempts_time_out(
+    hang_servers: dict[str, Server], upstream: FakeOpenAI, media: Path
+) -> None:
+    """Timeout 1 s per attempt, 1 retry: 504 after 2 attempts of 1 s and the SDK's backoff."""
+    server = hang_servers["per-attempt"]
+    waited, attempts = await hung_upstream_504(server, upstream, media)
     # 2 attempts of 1 s each, and the SDK's backoff between them (0.375-1 s).
     timeout = PER_ATTEMPT["timeout"]
     assert 2 * timeout <= waited <= 2 * timeout + 1.0 + 1.0, waited
@@ -665,19 +611,7 @@ async def test_hanging_upstream_is_504_at_the_deadline(
 ) -> None:
     """Timeout 30 s per attempt but a 1.5 s deadline on the whole: 504 at 1.5 s."""
     server = hang_servers["deadline"]
-    upstream.reset()
-    upstream.hang(60, times=None, status=500)
-    response, _ = await transcribe_timed(server, (media / "sentence.wav").read_bytes())
-    assert_error(
-        response.status_code,
-        response.headers,
-        response.json(),
-        expected=504,
-        code="transcription_timeout",
-    )
-    waited = transcribe_seconds(server, response.headers["x-request-id"])
-    attempts = settled_attempts(upstream)
-    upstream.reset()
+    waited, attempts = await hung_upstream_504(server, upstream, media)
     assert DEADLINE["deadline"] - 0.05 <= waited <= DEADLINE["deadline"] + 0.5, waited
     assert len(attempts) == 1, "the deadline ends the first (and only) attempt"
     server.wait_idle()
@@ -758,13 +692,6 @@ class LoopLag:
             f"thread on a CPU within one poll: p99 {ms(self.loop_cpu, 99)} ms, max "
             f"{ms(self.loop_cpu, 100)} ms"
         )
-
-
-@pytest.fixture(scope="module")
-def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
-    running = start_moto(tmp_path_factory.mktemp("moto-faults"))
-    yield running
-    running.stop()
 
 
 @pytest.fixture(scope="module")

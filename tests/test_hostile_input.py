@@ -39,6 +39,7 @@ from .phone_media import (
     CAF_HEADER,
     DEBIAN_FFMPEG,
     FIXTURE_NAMES,
+    LPCM_DESC,
     PhoneFile,
     box,
     caf_chan,
@@ -545,19 +546,7 @@ def corpus(
         ),
         "wav-header-claims-4gb": Case(_wav_header(0xFFFFFFF0, 0xFFFFFFD0)),
         "rf64-claims-a-terabyte": Case(_rf64_claiming(2**40)),
-        "caf-lpcm-claims-exabytes": Case(
-            CAF_HEADER
-            + caf_desc(
-                b"lpcm",
-                sample_rate=48000,
-                channels=1,
-                flags=2,
-                bytes_per_packet=2,
-                frames_per_packet=1,
-                bits_per_channel=16,
-            )
-            + caf_data(b"", size=2**62)
-        ),
+        "caf-lpcm-claims-exabytes": Case(CAF_HEADER + LPCM_DESC + caf_data(b"", size=2**62)),
         "caf-aac-pakt-claims-billions-of-packets": Case(_aac_caf_claiming(2**40)),
         "caf-aac-pakt-claims-80-million-packets": Case(_aac_caf_claiming(80_000_000)),
         "mp4-claims-days-with-no-samples": Case(mp4_claiming(1_000_000)),

@@ -23,6 +23,7 @@ from vrai_stream.layout import SNIFF_LIMIT_BYTES, Layout, Mode, sniff
 from .phone_media import (
     CAF_HEADER,
     FIXTURE_NAMES,
+    LPCM_DESC,
     PhoneFile,
     box,
     caf_chunk,
@@ -109,15 +110,6 @@ def test_a_complete_short_body_always_gets_an_answer(
 # --- hostile heads ---------------------------------------------------------------------------
 
 FTYP = box(b"ftyp", b"M4A ", struct.pack(">I", 0), b"M4A isommp42")
-LPCM_DESC = caf_desc(
-    b"lpcm",
-    sample_rate=48000,
-    channels=1,
-    flags=2,
-    bytes_per_packet=2,
-    frames_per_packet=1,
-    bits_per_channel=16,
-)
 AAC_DESC = caf_desc(b"aac ", sample_rate=48000, channels=1, frames_per_packet=1024)
 
 

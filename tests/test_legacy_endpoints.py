@@ -59,11 +59,7 @@ def legacy_server(
 ) -> Iterator[Server]:
     running = start_server(
         tmp_path_factory.mktemp("legacy"),
-        {
-            "VRAI_TRANSCRIBER": "openai",
-            "OPENAI_API_KEY": UPSTREAM_KEY,
-            "OPENAI_BASE_URL": upstream.base_url,
-        },
+        upstream.server_env(),
     )
     yield running
     running.stop()

@@ -16,12 +16,10 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import itertools
 import json
 import os
 import re
 import time
-import tracemalloc
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -40,9 +38,12 @@ from vrai_stream.legacy_json import (
     InvalidJson,
     LegacyJsonDecoder,
 )
-from vrai_stream.uploads import Event, Field, FieldTooLarge
+from vrai_stream.uploads import Field, FieldTooLarge
+
+from .decoding import AudioEvents, decode_traced, feed_all, mutate, split
 
 KNOWN = (*LEGACY_FIELDS, "fileBlob")
+BLOB = AudioEvents(BlobStart, BlobData, BlobEnd)
 SCALE = int(os.environ.get("VRAI_FUZZ_SCALE", "1"))
 """Multiplies the property tests' example counts, for longer fuzzing runs than CI's."""
 
@@ -52,37 +53,13 @@ SCALE = int(os.environ.get("VRAI_FUZZ_SCALE", "1"))
 
 def decode(chunks: Iterable[bytes]) -> tuple[bytes, dict[str, str | None]]:
     """Feed the chunks; return the audio and the fields, checking the events' shape."""
-    decoder = LegacyJsonDecoder()
-    events: list[Event] = []
-    for chunk in chunks:
-        events += decoder.feed(chunk)
-    events += decoder.close()
-    kinds = "".join(_kind(event) for event in events)
-    assert re.fullmatch(r"f*sd*ef*", kinds), kinds
-    assert all(event.data for event in events if isinstance(event, BlobData))
+    events, audio = feed_all(LegacyJsonDecoder(), chunks, BLOB)
     fields: dict[str, str | None] = {}
     for event in events:
         if isinstance(event, Field):
             assert event.name not in fields
             fields[event.name] = event.value
-    audio = b"".join(event.data for event in events if isinstance(event, BlobData))
     return audio, fields
-
-
-def _kind(event: Event) -> str:
-    if isinstance(event, Field):
-        return "f"
-    if isinstance(event, BlobStart):
-        return "s"
-    if isinstance(event, BlobData):
-        return "d"
-    assert isinstance(event, BlobEnd), event
-    return "e"
-
-
-def split(body: bytes, cuts: Iterable[int]) -> list[bytes]:
-    points = sorted({0, len(body), *(min(cut, len(body)) for cut in cuts)})
-    return [body[a:b] for a, b in itertools.pairwise(points)]
 
 
 def failure(chunks: Iterable[bytes]) -> errors.ServiceError:
@@ -283,22 +260,7 @@ MUTATION_BYTES = st.sampled_from(
 @st.composite
 def mutated(draw: st.DrawFn) -> bytes:
     body, _, _ = draw(legacy_bodies())
-    data = bytearray(body)
-    for _ in range(draw(st.integers(1, 3))):
-        at = draw(st.integers(0, len(data)))
-        action = draw(st.sampled_from(["delete", "insert", "replace", "truncate", "repeat"]))
-        if action == "delete" and data:
-            del data[at : at + draw(st.integers(1, 4))]
-        elif action == "insert":
-            data[at:at] = bytes(draw(st.lists(MUTATION_BYTES, min_size=1, max_size=3)))
-        elif action == "replace" and at < len(data):
-            data[at] = draw(MUTATION_BYTES)
-        elif action == "truncate":
-            del data[at:]
-        elif action == "repeat":
-            size = draw(st.integers(1, 40))
-            data[at:at] = data[at : at + size]
-    return bytes(data)
+    return mutate(draw, body, MUTATION_BYTES, longest_repeat=40)
 
 
 class _Refused(Exception):
@@ -665,25 +627,9 @@ class _VirtualBody:
 
 def test_memory_stays_bounded_on_a_50_mb_body() -> None:
     body = _VirtualBody(50 * 1024 * 1024)
-    digest = hashlib.sha256()
-    decoder = LegacyJsonDecoder()
-    fields: dict[str, str | None] = {}
-    tracemalloc.start()
-    try:
-        baseline = tracemalloc.get_traced_memory()[0]
-        for chunk in body.chunks(65536):
-            for event in decoder.feed(chunk):
-                if isinstance(event, BlobData):
-                    digest.update(event.data)
-                elif isinstance(event, Field):
-                    fields[event.name] = event.value
-        del chunk, event
-        decoder.close()
-        current, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert digest.hexdigest() == body.audio_digest
-    assert fields == {"fromTime": "0", "toTime": "30", "summarizationType": "none"}
+    traced = decode_traced(LegacyJsonDecoder(), body.chunks(65536), BlobData)
+    assert traced.digest == body.audio_digest
+    assert traced.fields == {"fromTime": "0", "toTime": "30", "summarizationType": "none"}
     # The feed (64 KiB) and its decoded bytes (48 KiB) come and go; nothing accumulates.
-    assert peak - baseline < 512 * 1024, peak - baseline
-    assert current - baseline < 16 * 1024, current - baseline
+    assert traced.peak < 512 * 1024, traced.peak
+    assert traced.kept < 16 * 1024, traced.kept

@@ -13,7 +13,7 @@ import httpx
 import psutil
 import pytest
 
-from .support import Server, chunked, start_server
+from .support import Server, chunked, posting, start_server
 
 pytestmark = pytest.mark.anyio
 
@@ -26,20 +26,15 @@ async def test_sigterm_lets_a_running_upload_finish_and_refuses_new_work(
     server = start_server(tmp_path / "server", {"VRAI_DRAIN_SECONDS": "20"})
     audio = (media / "tone60.wav").read_bytes()  # ~11 MB, paced over ~3 s
     try:
-        finished: dict[str, httpx.Response] = {}
         async with (
             httpx.AsyncClient(base_url=server.url, timeout=60) as client,
-            anyio.create_task_group() as group,
+            posting(
+                client,
+                "/v1/transcriptions?fromTime=0&toTime=3",
+                content=chunked(audio, chunk_size=256 * 1024, delay=0.07),
+                headers={"Accept": "audio/mpeg"},
+            ) as slow,
         ):
-
-            async def slow_upload() -> None:
-                finished["slow"] = await client.post(
-                    "/v1/transcriptions?fromTime=0&toTime=3",
-                    content=chunked(audio, chunk_size=256 * 1024, delay=0.07),
-                    headers={"Accept": "audio/mpeg"},
-                )
-
-            group.start_soon(slow_upload)
             await anyio.sleep(1.0)
             server.process.send_signal(signal.SIGTERM)
             await anyio.sleep(0.3)
@@ -50,8 +45,8 @@ async def test_sigterm_lets_a_running_upload_finish_and_refuses_new_work(
                 assert late.status_code == 503, late.text
             except httpx.ConnectError:
                 pass
-        assert finished["slow"].status_code == 200, finished["slow"].text
-        assert finished["slow"].headers["content-type"] == "audio/mpeg"
+        assert slow.response.status_code == 200, slow.response.text
+        assert slow.response.headers["content-type"] == "audio/mpeg"
         server.process.wait(timeout=20)
         assert server.temp_files() == []
     finally:

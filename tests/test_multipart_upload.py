@@ -11,11 +11,8 @@ Time limits are on this process's CPU time, so that a busy machine does not fail
 from __future__ import annotations
 
 import hashlib
-import itertools
 import os
-import re
 import time
-import tracemalloc
 from collections.abc import Collection, Iterable, Iterator
 
 import pytest
@@ -32,12 +29,15 @@ from vrai_stream.multipart_upload import (
     MultipartDecoder,
     boundary_of,
 )
-from vrai_stream.uploads import Event, Field, FieldTooLarge
+from vrai_stream.uploads import Field, FieldTooLarge
+
+from .decoding import AudioEvents, decode_traced, feed_all, mutate, split
 
 SCALE = int(os.environ.get("VRAI_FUZZ_SCALE", "1"))
 """Multiplies the property tests' example counts, for longer fuzzing runs than CI's."""
 
 CURL_BOUNDARY = "------------------------d74496d66958873e"
+FILE = AudioEvents(FileStart, FileData, FileEnd)
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -60,33 +60,10 @@ def decode(
 ) -> tuple[bytes, dict[str, str | None], FileStart]:
     """Feed the chunks; return the audio, the fields and the audio's FileStart."""
     decoder = MultipartDecoder(content_type(boundary), file_field=file_field, fields=fields)
-    events: list[Event] = []
-    for chunk in chunks:
-        events += decoder.feed(chunk)
-    events += decoder.close()
-    kinds = "".join(_kind(event) for event in events)
-    assert re.fullmatch(r"f*sd*ef*", kinds), kinds
-    assert all(event.data for event in events if isinstance(event, FileData))
+    events, audio = feed_all(decoder, chunks, FILE)
     start = next(event for event in events if isinstance(event, FileStart))
-    fields = {event.name: event.value for event in events if isinstance(event, Field)}
-    audio = b"".join(event.data for event in events if isinstance(event, FileData))
-    return audio, fields, start
-
-
-def _kind(event: Event) -> str:
-    if isinstance(event, Field):
-        return "f"
-    if isinstance(event, FileStart):
-        return "s"
-    if isinstance(event, FileData):
-        return "d"
-    assert isinstance(event, FileEnd), event
-    return "e"
-
-
-def split(body: bytes, cuts: Iterable[int]) -> list[bytes]:
-    points = sorted({0, len(body), *(min(cut, len(body)) for cut in cuts)})
-    return [body[a:b] for a, b in itertools.pairwise(points)]
+    found = {event.name: event.value for event in events if isinstance(event, Field)}
+    return audio, found, start
 
 
 def failure(chunks: Iterable[bytes], boundary: str = CURL_BOUNDARY) -> errors.ServiceError:
@@ -254,22 +231,7 @@ MUTATION_BYTES = st.sampled_from(list(b'\r\n-"; =:abcdx\x00\xff')) | st.integers
 @st.composite
 def mutated(draw: st.DrawFn) -> tuple[str, bytes]:
     boundary, body, _, _, _ = draw(multipart_bodies())
-    data = bytearray(body)
-    for _ in range(draw(st.integers(1, 3))):
-        at = draw(st.integers(0, len(data)))
-        action = draw(st.sampled_from(["delete", "insert", "replace", "truncate", "repeat"]))
-        if action == "delete" and data:
-            del data[at : at + draw(st.integers(1, 4))]
-        elif action == "insert":
-            data[at:at] = bytes(draw(st.lists(MUTATION_BYTES, min_size=1, max_size=3)))
-        elif action == "replace" and at < len(data):
-            data[at] = draw(MUTATION_BYTES)
-        elif action == "truncate":
-            del data[at:]
-        elif action == "repeat":
-            size = draw(st.integers(1, 60))
-            data[at:at] = data[at : at + size]
-    return boundary, bytes(data)
+    return boundary, mutate(draw, body, MUTATION_BYTES, longest_repeat=60)
 
 
 CODES = {
@@ -493,17 +455,8 @@ def test_skipped_files_are_not_kept() -> None:
         b"\xff" * (4 * 1024 * 1024),
     )
     chunks = split(form(B, other, audio_part(b"x")), range(0, len(other) + 1000, 65536))
-    decoder = MultipartDecoder(content_type(B))
-    tracemalloc.start()
-    try:
-        baseline = tracemalloc.get_traced_memory()[0]
-        for chunk in chunks:
-            decoder.feed(chunk)
-        decoder.close()
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak - baseline < 256 * 1024, peak - baseline
+    traced = decode_traced(MultipartDecoder(content_type(B)), chunks, FileData)
+    assert traced.peak < 256 * 1024, traced.peak
 
 
 def test_one_byte_feeds_are_not_quadratic() -> None:
@@ -541,25 +494,9 @@ class _VirtualForm:
 
 def test_memory_stays_bounded_on_a_50_mb_form() -> None:
     body = _VirtualForm(50 * 1024 * 1024)
-    digest = hashlib.sha256()
-    decoder = MultipartDecoder(content_type(B))
-    fields: dict[str, str | None] = {}
-    tracemalloc.start()
-    try:
-        baseline = tracemalloc.get_traced_memory()[0]
-        for chunk in body.chunks(65536):
-            for event in decoder.feed(chunk):
-                if isinstance(event, FileData):
-                    digest.update(event.data)
-                elif isinstance(event, Field):
-                    fields[event.name] = event.value
-        del chunk, event
-        decoder.close()
-        current, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert digest.hexdigest() == body.audio_digest
-    assert fields == {"fromTime": "0", "summarizationType": "none"}
+    traced = decode_traced(MultipartDecoder(content_type(B)), body.chunks(65536), FileData)
+    assert traced.digest == body.audio_digest
+    assert traced.fields == {"fromTime": "0", "summarizationType": "none"}
     # The virtual body's own buffer (up to 2 x 64 KiB) and one feed's data come and go.
-    assert peak - baseline < 512 * 1024, peak - baseline
-    assert current - baseline < 16 * 1024, current - baseline
+    assert traced.peak < 512 * 1024, traced.peak
+    assert traced.kept < 16 * 1024, traced.kept

@@ -53,9 +53,7 @@ def sdk_server(tmp_path_factory: pytest.TempPathFactory, upstream: FakeOpenAI) -
     running = start_server(
         tmp_path_factory.mktemp("openai-endpoint"),
         {
-            "VRAI_TRANSCRIBER": "openai",
-            "OPENAI_API_KEY": UPSTREAM_KEY,
-            "OPENAI_BASE_URL": upstream.base_url,
+            **upstream.server_env(),
             "VRAI_AUTH": "token",
             "VRAI_AUTH_TOKENS": f"{USER}:{hash_token(USER_TOKEN)}",
         },

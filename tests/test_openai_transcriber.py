@@ -39,12 +39,7 @@ def fake(fake_server: FakeOpenAI) -> FakeOpenAI:
 
 
 def start(make_server: MakeServer, fake: FakeOpenAI, **env: str) -> Server:
-    return make_server(
-        VRAI_TRANSCRIBER="openai",
-        OPENAI_API_KEY=API_KEY,
-        OPENAI_BASE_URL=fake.base_url,
-        **env,
-    )
+    return make_server(**{**fake.server_env(), **env})
 
 
 async def upload(server: Server, audio: bytes) -> httpx.Response:

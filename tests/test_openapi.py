@@ -53,9 +53,7 @@ def api_server(tmp_path_factory: pytest.TempPathFactory, upstream: FakeOpenAI) -
     running = start_server(
         tmp_path_factory.mktemp("openapi"),
         {
-            "VRAI_TRANSCRIBER": "openai",
-            "OPENAI_API_KEY": UPSTREAM_KEY,
-            "OPENAI_BASE_URL": upstream.base_url,
+            **upstream.server_env(),
             "VRAI_OPENAI_MAX_RETRIES": "0",
         },
     )

@@ -28,7 +28,6 @@ import secrets
 import string
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -41,9 +40,9 @@ import httpx
 import pytest
 
 from .fake_openai import CHAT_PATH, FakeOpenAI
-from .jwks_server import JwksServer, SigningKey
+from .jwks_server import JwksServer, SigningKey, claims_from
 from .s3_server import MotoServer, new_bucket, s3_client, s3_env, start_moto, wait_ready
-from .support import Server, start_server
+from .support import Server, form_body, start_servers
 
 pytestmark = pytest.mark.anyio
 
@@ -75,16 +74,8 @@ def new_static_token(user: str) -> tuple[str, str]:
 
 
 def claims(**changes: Any) -> dict[str, Any]:
-    now = int(time.time())
-    values: dict[str, Any] = {
-        "iss": ISSUER,
-        "aud": AUDIENCE,
-        "sub": "jwt-user-42",
-        "iat": now - 10,
-        "exp": now + 600,
-    }
-    values.update(changes)
-    return values
+    """Valid claims for the `jwt`-mode server: each bad JWT changes only what makes it bad."""
+    return claims_from(ISSUER, AUDIENCE, "jwt-user-42", **changes)
 
 
 @dataclass
@@ -112,28 +103,6 @@ class World:
         return found
 
 
-def start_both(specs: dict[str, tuple[Path, dict[str, str]]]) -> dict[str, Server]:
-    started: dict[str, Server] = {}
-    failures: list[BaseException] = []
-
-    def start(name: str, folder: Path, env: dict[str, str]) -> None:
-        try:
-            started[name] = start_server(folder, env)
-        except BaseException as exc:
-            failures.append(exc)
-
-    threads = [threading.Thread(target=start, args=(n, *spec)) for n, spec in specs.items()]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if failures:
-        for server in started.values():
-            server.stop()
-        raise failures[0]
-    return started
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     base = tmp_path_factory.mktemp("secrets")
@@ -158,13 +127,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         with FakeOpenAI(api_key=OPENAI_KEY) as fake:
             common = {
                 "VRAI_LOG_LEVEL": "debug",
-                "VRAI_TRANSCRIBER": "openai",
-                "OPENAI_API_KEY": OPENAI_KEY,
-                "OPENAI_BASE_URL": fake.base_url,
+                **fake.server_env(),
                 "VRAI_OPENAI_MAX_RETRIES": "0",
             }
             credentials = {"AWS_ACCESS_KEY_ID": AWS_KEY_ID, "AWS_SECRET_ACCESS_KEY": AWS_SECRET}
-            servers = start_both(
+            servers = start_servers(
                 {
                     "token": (
                         base / "token-server",
@@ -212,15 +179,10 @@ def bearer(token: str) -> dict[str, str]:
 
 
 def form(fields: dict[str, str], file_field: str, audio: bytes) -> bytes:
-    parts = [
-        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
-        for name, value in fields.items()
-    ]
-    head = (
-        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{file_field}"; '
-        'filename="note.wav"\r\nContent-Type: audio/wav\r\n\r\n'
-    ).encode()
-    return b"".join(parts) + head + audio + b"\r\n" + f"--{BOUNDARY}--\r\n".encode()
+    """A WAV upload as a multipart form, for the endpoints that take one."""
+    return form_body(
+        BOUNDARY, fields, file_field, audio, filename="note.wav", content_type="audio/wav"
+    )
 
 
 FORM = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}

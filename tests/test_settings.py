@@ -20,7 +20,7 @@ import pytest
 
 from vrai_stream.settings import Settings, SettingsError
 
-from .support import Server, decoded_seconds, free_port
+from .support import Server, decoded_seconds, free_port, posting
 from .test_cleanup import wait_for_spool_file
 from .test_errors import ENDPOINT, gated
 
@@ -210,23 +210,18 @@ async def test_unwritable_tmp_dir_falls_back_to_the_system_one(
     # It still serves, and its spool files go to the system's folder.
     audio = (media / "padded.wav").read_bytes()
     release = anyio.Event()
-    answer: dict[str, httpx.Response] = {}
     async with (
         httpx.AsyncClient(base_url=server.url, timeout=60) as client,
-        anyio.create_task_group() as group,
+        posting(
+            client,
+            ENDPOINT,
+            content=gated(audio, first=len(audio) * 7 // 10, gate=release),
+            headers={"Accept": "audio/mpeg"},
+        ) as upload,
     ):
-
-        async def upload() -> None:
-            answer["response"] = await client.post(
-                ENDPOINT,
-                content=gated(audio, first=len(audio) * 7 // 10, gate=release),
-                headers={"Accept": "audio/mpeg"},
-            )
-
-        group.start_soon(upload)
         await wait_for_spool_file(server, system_tmp)
         release.set()
-    response = answer["response"]
+    response = upload.response
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "audio/mpeg"
     assert abs(decoded_seconds(response.content, tmp_path) - 11) < 1.0

@@ -66,9 +66,7 @@ def summary_server(
     running = start_server(
         tmp_path_factory.mktemp("summaries"),
         {
-            "VRAI_TRANSCRIBER": "openai",
-            "OPENAI_API_KEY": UPSTREAM_KEY,
-            "OPENAI_BASE_URL": upstream.base_url,
+            **upstream.server_env(),
             "VRAI_SUMMARY_MODEL": SUMMARY_MODEL,
             "VRAI_PROMPTS_DIR": str(prompts_dir),
             "VRAI_OPENAI_MAX_RETRIES": "2",

@@ -94,6 +94,17 @@ def spools(folder: Path) -> Callable[[], FileSpool]:
     return make
 
 
+def kept_spools(folder: Path) -> tuple[list[FileSpool], Callable[[], FileSpool]]:
+    """Spools in `folder` and the list of those made, to check later that each was closed."""
+    made: list[FileSpool] = []
+
+    def make() -> FileSpool:
+        made.append(spools(folder)())
+        return made[-1]
+
+    return made, make
+
+
 def no_spool() -> FileSpool:
     raise AssertionError("the audio should have streamed, without a spool")
 
@@ -268,12 +279,7 @@ async def test_the_spool_goes_when_the_audio_is_never_read(tmp_path: Path) -> No
 
 
 async def test_the_spool_goes_on_a_decoder_error(tmp_path: Path) -> None:
-    made: list[FileSpool] = []
-
-    def make() -> FileSpool:
-        made.append(spools(tmp_path)())
-        return made[-1]
-
+    made, make = kept_spools(tmp_path)
     body = Body(legacy("fileBlob", "fromTime", "toTime", tail=b"}"))
     with pytest.raises(InvalidJson):
         await read_upload(aiter(body), LegacyJsonDecoder(), required=TIMES, make_spool=make)
@@ -282,12 +288,7 @@ async def test_the_spool_goes_on_a_decoder_error(tmp_path: Path) -> None:
 
 
 async def test_the_spool_goes_on_cancellation(tmp_path: Path) -> None:
-    made: list[FileSpool] = []
-
-    def make() -> FileSpool:
-        made.append(spools(tmp_path)())
-        return made[-1]
-
+    made, make = kept_spools(tmp_path)
     body = Body(legacy("fileBlob", "fromTime", "toTime")[:-30], hang=True)
     with anyio.move_on_after(0.5) as scope:
         await read_upload(aiter(body), LegacyJsonDecoder(), required=TIMES, make_spool=make)
