@@ -24,7 +24,7 @@ READ_SIZE = 64 * 1024
 _unreaped: set[subprocess.Popen[bytes]] = set()
 """Children not yet reaped: whatever outlives its job is killed as the server shuts down."""
 EXIT_POLL_SECONDS = 0.05
-"""How often to look for the child's exit where the kernel has no pidfd (not Linux)."""
+"""How often to look for the child's exit where no pidfd can be had (see `_open_pidfd`)."""
 
 
 class _Pipe:
