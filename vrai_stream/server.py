@@ -70,6 +70,7 @@ class StagedCloseProtocol(HttpToolsProtocol):
     lingering = False
     _discarded = 0
     _in_head = False
+    _head_began = False
     _head_bytes = 0
     _head_parsed = 0
     _refusal: errors.ServiceError | None = None
@@ -112,9 +113,12 @@ class StagedCloseProtocol(HttpToolsProtocol):
             if self._discarded > LINGER_BYTES:
                 self._close_now()
             return
+        self._head_began = False
         super().data_received(data)
-        if self._in_head:
-            # Reads that leave the head unfinished: httptools buffers them, so cap them here.
+        if self._in_head and not self._head_began:
+            # A read that was all head, and left it unfinished: httptools buffers it whole,
+            # so it is capped here.  (A read where a head begins may end the body before it:
+            # the parsed size below catches a head that fits in one read.)
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEADER_BYTES and not self._real_transport.is_closing():
                 self._refuse(errors.HeadersTooLarge(HEAD_TOO_LARGE))
@@ -122,6 +126,7 @@ class StagedCloseProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_head = True
+        self._head_began = True
         self._head_bytes = 0
         self._head_parsed = 0
         self._refusal = None
