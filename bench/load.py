@@ -66,6 +66,7 @@ import h11
 import httpx
 import psutil
 from common import (
+    REPO_DIR,
     MiB,
     Progress,
     ServerProcess,
@@ -85,6 +86,10 @@ from common import (
     wait_ready,
     write_json,
 )
+
+sys.path.insert(0, str(REPO_DIR))
+
+from tests.phone_media import parse_adts, write_aac_caf  # Apple's CAF layout, as phones write it
 
 MB = 1_000_000
 KB = 1_000
@@ -167,8 +172,6 @@ def repeated_adts(base: bytes, target_bytes: int) -> bytes:
 
 def build_corpus(folder: Path, sizes_mb: Sequence[int]) -> dict[tuple[str, int], Path]:
     """Every format at every size; files already in `folder` are reused."""
-    from formats import aac_caf  # the Apple-layout CAF writer of bench/formats.py
-
     folder.mkdir(parents=True, exist_ok=True)
     bed = speech_bed(folder)
     base_aac = folder / "bed-256k.aac"
@@ -189,8 +192,12 @@ def build_corpus(folder: Path, sizes_mb: Sequence[int]) -> dict[tuple[str, int],
         if not paths["aac-caf"].exists() or not paths["m4a"].exists():
             adts = repeated_adts(base_aac.read_bytes(), size * MB)
             frames = len(adts_frames(adts)) - 1
-            paths["aac-caf"].write_bytes(
-                aac_caf(adts, valid_frames=frames * 1024, pakt_first=False)
+            write_aac_caf(
+                paths["aac-caf"],
+                parse_adts(adts),
+                valid_frames=frames * 1024,
+                priming=1024,
+                pakt_first=False,
             )
             stream = folder / "tmp.aac"
             stream.write_bytes(adts)
