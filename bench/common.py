@@ -32,6 +32,11 @@ REPO_DIR = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
 MiB = 1024 * 1024
 
+# The bench builds on the tests' parts (phone matrix, soak engine, process helpers).
+sys.path.insert(0, str(REPO_DIR))
+
+from tests.support import stop_process as stop  # noqa: E402  (SIGTERM, then SIGKILL)
+
 
 def tool(name: str) -> str:
     """The full path of a command-line tool, or a clear exit: nothing can be measured without it."""
@@ -277,17 +282,6 @@ def wait_ready(server: ServerProcess, timeout: float = 120) -> None:
                 return
         time.sleep(0.1)
     raise RuntimeError(f"{server.name} not ready in {timeout:g} s:\n{server.log_path.read_text()}")
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, then SIGKILL after 10 s: a bench run must not leave a server behind."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 # --- memory of a process tree -------------------------------------------------------------

@@ -44,8 +44,6 @@ from common import (
     write_json,
 )
 
-sys.path.insert(0, str(REPO_DIR))
-
 from tests.phone_media import (
     FIXTURE_NAMES,
     amr_ffmpeg,

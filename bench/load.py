@@ -66,7 +66,6 @@ import h11
 import httpx
 import psutil
 from common import (
-    REPO_DIR,
     MiB,
     Progress,
     ServerProcess,
@@ -86,8 +85,6 @@ from common import (
     wait_ready,
     write_json,
 )
-
-sys.path.insert(0, str(REPO_DIR))
 
 from tests.phone_media import parse_adts, write_aac_caf  # Apple's CAF layout, as phones write it
 

@@ -25,8 +25,6 @@ from pathlib import Path
 
 from common import REPO_DIR, describe_machine, machine, write_json
 
-sys.path.insert(0, str(REPO_DIR))
-
 from tests.soak_engine import FD_SLACK, SoakConfig, build_phones, run_soak
 
 
