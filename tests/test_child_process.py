@@ -110,3 +110,20 @@ async def test_kill_unreaped_ends_children_a_cancelled_job_left() -> None:
     kill_unreaped()  # what the server's shutdown does last
     assert child.returncode == -signal.SIGKILL
     assert await child.wait() == -signal.SIGKILL
+
+
+async def test_the_stdin_pipe_holds_a_whole_read_of_the_body() -> None:
+    """uvicorn hands over up to 256 KiB at a time: ffmpeg's stdin takes it in one write."""
+    child = await spawn(
+        ["sleep", "5"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    assert child.stdin is not None
+    with anyio.fail_after(2):  # a 64 KiB pipe would block here: nobody reads it
+        await child.stdin.send(b"x" * 256 * 1024)
+    child.kill()
+    await child.wait()
+    await child.stdin.aclose()

@@ -10,6 +10,7 @@ non-blocking pipes and learns of the child's exit from a pidfd.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import subprocess  # argv lists only, never a shell  # nosec B404
 from collections.abc import Sequence
@@ -21,6 +22,10 @@ import anyio.lowlevel
 import anyio.to_thread
 
 READ_SIZE = 64 * 1024
+PIPE_BYTES = 1024 * 1024
+"""ffmpeg's stdin pipe (64 KiB by default; 1 MiB is Linux's limit for unprivileged users):
+uvicorn hands over the body in reads of up to 256 KiB, and a small pipe splits each into
+several writes, each a wake-up of both processes."""
 _unreaped: set[subprocess.Popen[bytes]] = set()
 """Children not yet reaped: whatever outlives its job is killed as the server shuts down."""
 EXIT_POLL_SECONDS = 0.05
@@ -65,6 +70,11 @@ class PipeReader(_Pipe, anyio.abc.ByteReceiveStream):
 
 class PipeWriter(_Pipe, anyio.abc.ByteSendStream):
     """The parent's end of the child's stdin."""
+
+    def __init__(self, file: IO[bytes]) -> None:
+        super().__init__(file)
+        with contextlib.suppress(OSError, AttributeError):
+            fcntl.fcntl(self._fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
 
     async def send(self, item: bytes) -> None:
         view = memoryview(item)
