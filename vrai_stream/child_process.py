@@ -104,10 +104,6 @@ class ChildProcess:
         self._waiting = anyio.Lock()
 
     @property
-    def pid(self) -> int:
-        return self._popen.pid
-
-    @property
     def returncode(self) -> int | None:
         return self._poll()
 
@@ -168,6 +164,7 @@ async def spawn(
     try:
         return ChildProcess(popen)
     except BaseException:
+        _unreaped.discard(popen)
         popen.kill()
         popen.wait()
         raise

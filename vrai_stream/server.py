@@ -209,7 +209,6 @@ def serve(app: Starlette, settings: Settings, *, host: str, port: int | None) ->
         server_header=False,
         ws="none",  # no websockets here; "auto" imports the package at every start (~20 ms)
         timeout_graceful_shutdown=int(settings.drain_seconds),
-        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
         http=StagedCloseProtocol,
     )
     DrainingServer(config, app).run()

@@ -282,13 +282,11 @@ class FfmpegJob:
         """Terminate, then kill: ffmpeg must never outlive its job."""
         process = self._process
         if process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.terminate()
+            process.terminate()  # Popen's: a no-op for a child already gone
             with anyio.move_on_after(KILL_GRACE_SECONDS):
                 await process.wait()
             if process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    process.kill()
+                process.kill()
                 await process.wait()
 
     async def close_pipes(self) -> None:
