@@ -1,16 +1,21 @@
 """Debug copies in a local folder (`VRAI_DEBUG_STORE=dir`), through the real server.
 
-The embedded default, so a newcomer sees the copies on disk: the input is written to
-`<key>.partial` as it arrives and renamed once whole, the MP3 next to it.  A disconnect
-leaves no `.partial`; a failure keeps `error-*` copies and names them in `debugFiles`.
+Only when asked for (`auto` without a bucket keeps nothing: `test_debug_store_choice.py`).
+The input is written to `<key>.partial` as it arrives and renamed once whole, the MP3 next
+to it.  A disconnect leaves no `.partial`; a failure keeps `error-*` copies and names them in
+`debugFiles`.  The folder is held to `VRAI_DEBUG_DIR_MAX_BYTES` and
+`VRAI_DEBUG_DIR_MAX_AGE_SECONDS`, oldest copies first.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from .s3_server import (
@@ -173,3 +178,95 @@ async def test_off_writes_nothing(
     assert "debugFiles" not in bad.json()
     server.wait_idle()
     assert files_in(folder) == {}
+
+
+# --- retention: a byte cap and a maximum age, oldest first ----------------------------------
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in files_in(folder).values())
+
+
+def start_up_lines(server: Server) -> list[dict[str, Any]]:
+    return [entry for entry in server.logs() if "debugCopies" in entry]
+
+
+async def test_start_up_names_the_folder_and_its_limits(make_server: Any, tmp_path: Path) -> None:
+    folder = tmp_path / "copies"
+    server = folder_server(
+        make_server,
+        folder,
+        VRAI_DEBUG_DIR_MAX_BYTES=str(3 * MiB),
+        VRAI_DEBUG_DIR_MAX_AGE_SECONDS="7200",
+    )
+    lines = start_up_lines(server)
+    assert len(lines) == 1, lines
+    line = lines[0]
+    assert line["level"] == "info"
+    assert line["debugCopies"] == {
+        "store": "dir",
+        "folder": str(folder.resolve()),
+        "maxBytes": 3 * MiB,
+        "maxAgeSeconds": 7200,
+    }
+    assert str(folder.resolve()) in line["message"], line
+    assert "3 MiB" in line["message"] and "7200 s" in line["message"], line
+
+
+async def test_the_folder_stays_under_its_byte_cap_oldest_copies_first(
+    make_server: Any, tmp_path: Path, noise: dict[str, bytes]
+) -> None:
+    """Each request keeps about 1 MB of input and 30 kB of MP3; the cap holds two of them.
+    The third request's input pushes the oldest file out (the first input), nothing newer."""
+    folder = tmp_path / "copies"
+    cap = 2_200_000
+    server = folder_server(make_server, folder, VRAI_DEBUG_DIR_MAX_BYTES=str(cap))
+    audio = noise["small"]
+    ids = []
+    for _ in range(3):
+        reply = await upload(server, audio)
+        assert reply.status == 200, reply.content
+        ids.append(reply.request_id)
+        assert folder_bytes(folder) <= cap
+    first, second, third = (of_request(folder, request_id) for request_id in ids)
+    assert set(first) == {"debug-output"}, "the oldest file, and only it, should have gone"
+    assert set(second) == set(third) == {"debug-input", "debug-output"}
+    assert sha256(third["debug-input"].read_bytes()) == sha256(audio)
+
+    # An upload larger than the whole cap is not copied at all, and pushes nothing out.
+    before = files_in(folder)
+    big = await upload(server, noise["12MB"], window=(0, 2))
+    assert big.status == 200, big.content
+    server.wait_idle()
+    assert files_in(folder) == before
+    assert folder_bytes(folder) <= cap
+
+
+async def test_copies_older_than_the_maximum_age_are_removed(
+    make_server: Any, tmp_path: Path, noise: dict[str, bytes]
+) -> None:
+    folder = tmp_path / "copies"
+    # Left by an earlier run: an hour old is past the limit, a fresh one is not.
+    stale = folder / "anonymous" / "debug-input-old.wav"
+    fresh = folder / "anonymous" / "debug-input-fresh.wav"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"old")
+    fresh.write_bytes(b"fresh")
+    an_hour_ago = time.time() - 3600
+    os.utime(stale, (an_hour_ago, an_hour_ago))
+
+    max_age = 4.0
+    server = folder_server(make_server, folder, VRAI_DEBUG_DIR_MAX_AGE_SECONDS=f"{max_age:g}")
+    assert not stale.exists(), "a copy past the age limit survived start-up"
+    assert fresh.exists()
+
+    old = await upload(server, noise["small"])
+    assert old.status == 200, old.content
+    assert set(of_request(folder, old.request_id)) == {"debug-input", "debug-output"}
+    await anyio.sleep(max_age + 0.5)
+    new = await upload(server, noise["small"])
+    assert new.status == 200, new.content
+    assert of_request(folder, old.request_id) == {}, "copies older than the limit were kept"
+    assert not fresh.exists()
+    assert set(of_request(folder, new.request_id)) == {"debug-input", "debug-output"}
+    server.wait_idle()

@@ -43,6 +43,22 @@ def test_defaults_are_the_documented_ones() -> None:
     assert settings.spool_memory_total_bytes is None
     assert settings.spool_disk_total_bytes is None
     assert settings.transcriber == "local"
+    assert settings.debug_store == "off"  # auto, and no bucket: nothing stays on the machine
+    assert settings.debug_dir_max_bytes == 256 * MiB
+    assert settings.debug_dir_max_age_seconds == 86400
+
+
+def test_debug_folder_limits_are_read_and_zero_means_none() -> None:
+    settings = Settings.from_env(
+        {"VRAI_DEBUG_DIR_MAX_BYTES": "1_000_000", "VRAI_DEBUG_DIR_MAX_AGE_SECONDS": "90.5"}
+    )
+    assert settings.debug_dir_max_bytes == 1_000_000
+    assert settings.debug_dir_max_age_seconds == 90.5
+    unlimited = Settings.from_env(
+        {"VRAI_DEBUG_DIR_MAX_BYTES": "0", "VRAI_DEBUG_DIR_MAX_AGE_SECONDS": "0"}
+    )
+    assert unlimited.debug_dir_max_bytes is None
+    assert unlimited.debug_dir_max_age_seconds is None
 
 
 def test_values_are_read_and_typed() -> None:
@@ -100,6 +116,10 @@ def test_values_are_read_and_typed() -> None:
         ("VRAI_TRANSCRIBER", "whisper-cloud"),
         ("VRAI_OPENAI_MAX_RETRIES", "many"),
         ("VRAI_WHISPER_BEAM_SIZE", "11"),
+        ("VRAI_DEBUG_DIR_MAX_BYTES", "-1"),
+        ("VRAI_DEBUG_DIR_MAX_BYTES", "1GB"),
+        ("VRAI_DEBUG_DIR_MAX_AGE_SECONDS", "a week"),
+        ("VRAI_DEBUG_DIR_MAX_AGE_SECONDS", "-5"),
     ],
 )
 def test_bad_value_raises_naming_the_variable(name: str, value: str) -> None:

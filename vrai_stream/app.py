@@ -103,6 +103,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         services = Services.create(settings, ffmpeg)
         app.state.services = services
+        # One line says where users' recordings go: a bucket, a folder and its limits, or nowhere.
+        where, fields = services.debug.describe()
+        logger.info(where, extra={"debugCopies": fields})
         sweep_leftovers(services.pipeline.tmp_dir)
         try:
             async with anyio.create_task_group() as background:

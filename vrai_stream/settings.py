@@ -80,10 +80,12 @@ class Settings:
     whisper_beam_size: int = 1
 
     # Debug copies
-    debug_store: DebugStoreKind = "dir"
+    debug_store: DebugStoreKind = "off"
     debug_bucket: str | None = None
     debug_prefix: str = ""
     debug_dir: Path = Path("debug-copies")
+    debug_dir_max_bytes: int | None = 256 * MiB
+    debug_dir_max_age_seconds: float | None = 86400.0
     debug_sample_rate: float = 1.0
     debug_part_bytes: int = 5 * MiB
     debug_buffer_bytes: int = 12 * MiB
@@ -109,7 +111,8 @@ class Settings:
         bucket = reader.text("VRAI_DEBUG_BUCKET") or reader.text("BUCKET_NAME")
         debug_store = reader.choice("VRAI_DEBUG_STORE", ("auto", "s3", "dir", "off"), "auto")
         if debug_store == "auto":
-            debug_store = "s3" if bucket else "dir"
+            # Users' recordings stay on the machine only when asked for (`dir`).
+            debug_store = "s3" if bucket else "off"
         if debug_store == "s3" and not bucket:
             raise SettingsError("VRAI_DEBUG_STORE=s3 needs VRAI_DEBUG_BUCKET (or BUCKET_NAME)")
         try:
@@ -218,6 +221,12 @@ class Settings:
             debug_bucket=bucket,
             debug_prefix=_prefix(reader.text("VRAI_DEBUG_PREFIX")),
             debug_dir=reader.path("VRAI_DEBUG_DIR") or cls.debug_dir,
+            debug_dir_max_bytes=reader.integer("VRAI_DEBUG_DIR_MAX_BYTES", 256 * MiB, minimum=0)
+            or None,
+            debug_dir_max_age_seconds=reader.number(
+                "VRAI_DEBUG_DIR_MAX_AGE_SECONDS", 86400.0, minimum=0
+            )
+            or None,
             debug_sample_rate=reader.number(
                 "VRAI_DEBUG_SAMPLE_RATE", cls.debug_sample_rate, minimum=0, maximum=1
             ),

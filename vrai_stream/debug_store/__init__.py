@@ -1,6 +1,7 @@
 """Debug copies of what the phone sent and the MP3 it became, so a bad transcript can be replayed.
 
-Three stores: S3 (any S3 API: AWS, Tigris, R2, MinIO), a local folder, or none.  A store
+Three stores: S3 (any S3 API: AWS, Tigris, R2, MinIO), a local folder held to a byte cap
+and a maximum age (only when asked for), or none: with no bucket, nothing is kept.  A store
 hands each job a `DebugCopies`, which the pipeline feeds as the job goes.  Feeding never
 blocks and never fails the job: a store that falls behind abandons its copy instead.
 """
@@ -11,7 +12,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from anyio.abc import TaskGroup
 
@@ -71,6 +72,9 @@ class DebugStore(Protocol):
 
     def begin(self, context: CopyContext) -> DebugCopies: ...
 
+    def describe(self) -> tuple[str, dict[str, Any]]:
+        """Where copies go, for the one line start-up logs: a sentence, and its fields."""
+
     async def wait_idle(self) -> None:
         """Return once no upload is under way (at shutdown, before cancelling the rest)."""
 
@@ -102,11 +106,23 @@ class NoCopies:
 class OffStore:
     kind = "off"
 
+    def __init__(
+        self,
+        why: str = "set VRAI_DEBUG_BUCKET for copies in S3, or VRAI_DEBUG_STORE=dir for a folder",
+    ) -> None:
+        self._why = why
+
     def start(self, background: TaskGroup) -> None:
         return None
 
     def begin(self, context: CopyContext) -> DebugCopies:
         return NoCopies()
+
+    def describe(self) -> tuple[str, dict[str, Any]]:
+        return (
+            f"debug copies are not kept: nothing of a request stays on this machine ({self._why})",
+            {"store": "off"},
+        )
 
     async def wait_idle(self) -> None:
         return None
@@ -189,4 +205,5 @@ def create_store(settings: Settings) -> DebugStore:
                 "debug folder is not writable; debug copies are off",
                 extra={"folder": str(settings.debug_dir), "error": exc.strerror},
             )
+            return OffStore(f"the folder {settings.debug_dir} is not writable")
     return OffStore()

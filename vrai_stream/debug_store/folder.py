@@ -1,20 +1,133 @@
-"""Debug copies in a local folder: the embedded default, so a newcomer sees them on disk."""
+"""Debug copies in a local folder, held to a byte cap and a maximum age.
+
+Only on request (`VRAI_DEBUG_STORE=dir`): recordings are users' data, and by default nothing
+of a request stays on the machine.  The folder never keeps more than
+`VRAI_DEBUG_DIR_MAX_BYTES` of copies, nor a copy older than `VRAI_DEBUG_DIR_MAX_AGE_SECONDS`:
+the oldest go first, checked each time a copy is written (and every so often, so that a
+server with no requests forgets too).  Files already in the folder at start-up count.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import shutil
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
+import anyio
 from anyio.abc import TaskGroup
 
 from ..layout import Layout
-from ..settings import Settings
+from ..settings import MiB, Settings
 from . import CopyContext, DebugCopies, Keys
 
 logger = logging.getLogger("vrai_stream.debug_store")
+
+MAX_EXPIRY_INTERVAL_SECONDS = 60.0
+"""How often at most the folder is checked for old copies while no copy is written."""
+
+
+class Retention:
+    """Every file under the folder, oldest first, and the limits it is held to.
+
+    The store writes every file itself, so it keeps the list in memory (one scan at
+    start-up): checking the limits costs nothing per copy, whatever the folder holds.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        max_bytes: int | None,
+        max_age_seconds: float | None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.root = root
+        self.max_bytes = max_bytes
+        self.max_age_seconds = max_age_seconds
+        self._clock = clock
+        self._files: OrderedDict[Path, tuple[float, int]] = OrderedDict()
+        """Path -> (modification time, size), oldest first."""
+        self.total_bytes = 0
+
+    def scan(self) -> None:
+        """Take in what earlier runs left in the folder, then hold it to the limits."""
+        found = []
+        for path in self.root.rglob("*"):
+            try:
+                if path.is_symlink() or not path.is_file():
+                    continue
+                stat = path.stat()
+            except OSError:
+                continue
+            found.append((stat.st_mtime, path, stat.st_size))
+        for mtime, path, size in sorted(found, key=lambda entry: entry[0]):
+            self._files[path] = (mtime, size)
+            self.total_bytes += size
+        self.enforce()
+
+    def add(self, path: Path) -> bool:
+        """`path` was just written: count it, then drop the oldest files over the limits.
+
+        Returns whether `path` itself is still kept (a file larger than the cap is not).
+        """
+        try:
+            stat = path.stat()
+        except OSError:
+            return False
+        self.forget(path)
+        self._files[path] = (stat.st_mtime, stat.st_size)
+        self.total_bytes += stat.st_size
+        self.enforce()
+        return path in self._files
+
+    def forget(self, path: Path) -> None:
+        """`path` is gone (or going): it no longer counts."""
+        entry = self._files.pop(path, None)
+        if entry is not None:
+            self.total_bytes -= entry[1]
+
+    def enforce(self) -> int:
+        """Remove the oldest files until none is too old and the total fits; return how many."""
+        now = self._clock()
+        removed = 0
+        while self._files:
+            path, (mtime, _) = next(iter(self._files.items()))
+            too_old = self.max_age_seconds is not None and now - mtime > self.max_age_seconds
+            too_big = self.max_bytes is not None and self.total_bytes > self.max_bytes
+            if not (too_old or too_big):
+                break
+            try:
+                path.unlink(missing_ok=True)
+                if path.parent != self.root:
+                    with contextlib.suppress(OSError):  # not empty: another copy is there
+                        path.parent.rmdir()
+            except OSError as exc:
+                logger.warning(
+                    "could not remove an old debug copy",
+                    extra={"path": str(path), "error": exc.strerror},
+                )
+            self.forget(path)
+            removed += 1
+        if removed:
+            logger.debug(
+                "old debug copies removed",
+                extra={"removed": removed, "folderBytes": self.total_bytes},
+            )
+        return removed
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "store": "dir",
+            "folder": str(self.root),
+            "maxBytes": self.max_bytes,
+            "maxAgeSeconds": self.max_age_seconds,
+        }
 
 
 class FolderStore:
@@ -24,13 +137,38 @@ class FolderStore:
         self.root = settings.debug_dir.resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self._sample_rate = settings.debug_sample_rate
+        self.retention = Retention(
+            self.root,
+            max_bytes=settings.debug_dir_max_bytes,
+            max_age_seconds=settings.debug_dir_max_age_seconds,
+        )
+        self.retention.scan()
 
     def start(self, background: TaskGroup) -> None:
-        return None
+        max_age = self.retention.max_age_seconds
+        if max_age is not None:
+            interval = min(MAX_EXPIRY_INTERVAL_SECONDS, max(max_age / 10, 1.0))
+            background.start_soon(self._expire, interval)
+
+    async def _expire(self, interval: float) -> None:
+        while True:
+            await anyio.sleep(interval)
+            self.retention.enforce()
 
     def begin(self, context: CopyContext) -> DebugCopies:
         sampled = random.random() < self._sample_rate  # noqa: S311 - sampling, not security  # nosec B311
-        return FolderCopies(self.root, context, keep_on_success=sampled)
+        return FolderCopies(self.root, context, self.retention, keep_on_success=sampled)
+
+    def describe(self) -> tuple[str, dict[str, Any]]:
+        limits = self.retention
+        cap = "no size limit" if limits.max_bytes is None else f"at most {_mib(limits.max_bytes)}"
+        age = (
+            "no age limit"
+            if limits.max_age_seconds is None
+            else f"none older than {limits.max_age_seconds:g} s"
+        )
+        message = f"debug copies go to the folder {self.root} ({cap}, {age}; oldest removed first)"
+        return message, limits.describe()
 
     async def wait_idle(self) -> None:
         return None
@@ -39,15 +177,23 @@ class FolderStore:
         return None
 
 
+def _mib(size: int) -> str:
+    return f"{size / MiB:.4g} MiB"
+
+
 class FolderCopies:
     """Writes the upload to `<key>.partial` as it arrives, renamed once it is whole."""
 
-    def __init__(self, root: Path, context: CopyContext, *, keep_on_success: bool) -> None:
+    def __init__(
+        self, root: Path, context: CopyContext, retention: Retention, *, keep_on_success: bool
+    ) -> None:
         self._root = root
         self._context = context
+        self._retention = retention
         self._keep_on_success = keep_on_success
         self._keys: Keys | None = None
         self._partial: BinaryIO | None = None
+        self._partial_bytes = 0
         self._written: list[Path] = []
         self._broken = False
 
@@ -63,6 +209,12 @@ class FolderCopies:
     def offer(self, chunk: bytes) -> None:
         if self._partial is None:
             return
+        self._partial_bytes += len(chunk)
+        cap = self._retention.max_bytes
+        if cap is not None and self._partial_bytes > cap:
+            # The folder could not keep it anyway: stop filling the disk with it now.
+            self._give_up("the upload is larger than VRAI_DEBUG_DIR_MAX_BYTES")
+            return
         try:
             self._partial.write(chunk)
         except OSError:
@@ -75,7 +227,7 @@ class FolderCopies:
         try:
             self._partial.close()
             self._partial_path(path).replace(path)
-            self._written.append(path)
+            self._kept(path)
         except OSError:
             self._give_up("could not complete the input copy")
         self._partial = None
@@ -86,7 +238,7 @@ class FolderCopies:
         path = self._path(self._keys.output)
         try:
             path.write_bytes(mp3)
-            self._written.append(path)
+            self._kept(path)
         except OSError:
             self._give_up("could not write the output copy")
 
@@ -94,6 +246,7 @@ class FolderCopies:
         self._discard_partial()
         for path in self._written:
             path.unlink(missing_ok=True)
+            self._retention.forget(path)
         self._written.clear()
 
     async def settle(self, failure_code: str | None) -> dict[str, str] | None:
@@ -112,13 +265,19 @@ class FolderCopies:
             source = self._path(key)
             if source not in self._written:
                 continue
+            target = self._path(error_key)
             try:
-                shutil.copyfile(source, self._path(error_key))
+                shutil.copyfile(source, target)
             except OSError:
                 logger.warning("could not keep an error copy", extra={"key": error_key})
                 continue
-            links[which] = error_key
+            if self._retention.add(target):
+                links[which] = error_key
         return links or None
+
+    def _kept(self, path: Path) -> None:
+        self._written.append(path)
+        self._retention.add(path)
 
     def _path(self, key: str) -> Path:
         return self._root / key

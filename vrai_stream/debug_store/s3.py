@@ -116,6 +116,17 @@ class S3Store:
         sampled = random.random() < self.sample_rate  # noqa: S311 - sampling, not security  # nosec B311
         return S3Copies(self, context, sampled=sampled)
 
+    def describe(self) -> tuple[str, dict[str, Any]]:
+        where = (
+            f"bucket {self.bucket}, prefix {self.prefix}"
+            if self.prefix
+            else f"bucket {self.bucket}, no prefix"
+        )
+        return (
+            f"debug copies go to S3: {where}",
+            {"store": "s3", "bucket": self.bucket, "prefix": self.prefix},
+        )
+
     async def aclose(self) -> None:
         await self._exit_stack.aclose()
 
