@@ -418,8 +418,10 @@ async def test_multipart_without_the_audio_part_is_400(server: Server, media: Pa
         response = await client.post(
             "/trim-and-transcribe-multipart", content=chunked(body), headers=MULTIPART_HEADERS
         )
-    assert_error_response(response, expected=400, code="empty_body")
-    assert "audio" in response.json()["message"]
+    assert_error_response(response, expected=400, code="missing_audio_part")
+    message = response.json()["message"]
+    assert "named 'audio'" in message, "the message should name the part the form must carry"
+    assert "'recording'" in message, "and the part it carried instead"
     server.wait_idle()
 
 

@@ -237,6 +237,7 @@ def mutated(draw: st.DrawFn) -> tuple[str, bytes]:
 CODES = {
     "invalid_multipart": (InvalidMultipart, 400),
     "empty_body": (errors.EmptyBody, 400),
+    "missing_audio_part": (errors.MissingAudioPart, 400),
     "field_too_large": (FieldTooLarge, 413),
 }
 
@@ -349,8 +350,8 @@ B = CURL_BOUNDARY
     ("body", "error", "words"),
     [
         (b"", errors.EmptyBody, "no body"),
-        (form(B, text_field("fromTime", "1")), errors.EmptyBody, "no 'audio' part"),
-        (form(B), errors.EmptyBody, "no 'audio' part"),
+        (form(B, text_field("fromTime", "1")), errors.MissingAudioPart, "no 'audio' part"),
+        (form(B), errors.MissingAudioPart, "a file part named 'audio'"),
         (form(B, audio_part(b"")), errors.EmptyBody, "'audio' part of the form is empty"),
         (REAL_WORLD[:-40], InvalidMultipart, "before its closing boundary"),
         (REAL_WORLD[:100], InvalidMultipart, "before its closing boundary"),

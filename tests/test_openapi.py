@@ -146,7 +146,7 @@ COMMON_ERRORS = (
     errors.InternalError,
 )
 OPERATION_ERRORS: dict[str, tuple[type[errors.ServiceError], ...]] = {
-    "/v1/transcriptions": (errors.SummaryUnavailable,),
+    "/v1/transcriptions": (errors.SummaryUnavailable, errors.BodyNotAudio),
     "/trim-and-transcribe": (
         errors.SummaryUnavailable,
         errors.InvalidJson,
@@ -156,9 +156,14 @@ OPERATION_ERRORS: dict[str, tuple[type[errors.ServiceError], ...]] = {
     "/trim-and-transcribe-multipart": (
         errors.SummaryUnavailable,
         errors.InvalidMultipart,
+        errors.MissingAudioPart,
         errors.FieldTooLarge,
     ),
-    "/v1/audio/transcriptions": (errors.InvalidMultipart, errors.FieldTooLarge),
+    "/v1/audio/transcriptions": (
+        errors.InvalidMultipart,
+        errors.MissingAudioPart,
+        errors.FieldTooLarge,
+    ),
 }
 
 

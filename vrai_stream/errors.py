@@ -66,6 +66,18 @@ class EmptyBody(RefusedUpload):
     status, code = 400, "empty_body"
 
 
+class MissingAudioPart(RefusedUpload):
+    """A form without the part that carries the recording (`audio`, or OpenAI's `file`)."""
+
+    status, code = 400, "missing_audio_part"
+
+
+class BodyNotAudio(RefusedUpload):
+    """A form or JSON body sent where the recording itself is the body."""
+
+    status, code = 415, "body_not_audio"
+
+
 class InvalidJson(RefusedUpload):
     """The body is not the JSON object the legacy endpoint takes."""
 
@@ -185,6 +197,8 @@ ALL_ERRORS: tuple[type[ServiceError], ...] = (
     InvalidParameters,
     InvalidWindow,
     EmptyBody,
+    MissingAudioPart,
+    BodyNotAudio,
     InvalidJson,
     InvalidBase64,
     InvalidMultipart,

@@ -86,8 +86,8 @@ class MultipartDecoder:
     The part named `file_field` is the audio, with or without a file name; other file parts
     are skipped unread.  Text fields are reported when their part ends (only those in
     `fields`, unless it is None), each capped at `max_field_bytes`.  Every failure is a
-    `ServiceError`: `InvalidMultipart`, `FieldTooLarge`, or `errors.EmptyBody` (no body, or no
-    or an empty audio part).
+    `ServiceError`: `InvalidMultipart`, `FieldTooLarge`, `errors.MissingAudioPart` (no part
+    named `file_field`), or `errors.EmptyBody` (no body, or an empty audio part).
     """
 
     def __init__(
@@ -116,6 +116,7 @@ class MultipartDecoder:
         self._audio: list[bytes] = []  # the audio of the current feed, sent as one FileData
         self._audio_size = 0
         self._file_seen = False
+        self._other_parts: dict[str, None] = {}  # names of skipped parts, for the hint
         self._field_count = 0
         self._ended = False
         self._failure: errors.ServiceError | None = None
@@ -160,10 +161,18 @@ class MultipartDecoder:
                 )
             )
         if not self._file_seen:
-            self._fail(
-                errors.EmptyBody(f"The form has no '{self._file_field}' part with the audio")
-            )
+            self._fail(errors.MissingAudioPart(self._missing_audio_message()))
         return []
+
+    def _missing_audio_message(self) -> str:
+        message = (
+            f"The form has no '{self._file_field}' part: send the recording as a file part "
+            f"named '{self._file_field}'"
+        )
+        if self._other_parts:
+            shown = ", ".join(f"'{name[:40]}'" for name in self._other_parts)
+            message += f" (this form's other parts: {shown})"
+        return message
 
     def _fail(self, failure: errors.ServiceError) -> None:
         self._failure = failure
@@ -226,6 +235,8 @@ class MultipartDecoder:
             self._role = _FIELD
             self._name = name
             self._value.clear()
+        elif len(self._other_parts) < 3:
+            self._other_parts[name] = None
 
     def _on_part_data(self, data: bytes, start: int, end: int) -> None:
         if self._role == _FILE:

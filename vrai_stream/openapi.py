@@ -63,8 +63,14 @@ _BODY_ERRORS = (
     errors.InternalError,
 )
 
+_RAW_ERRORS = (*_BODY_ERRORS, errors.BodyNotAudio)
 _JSON_ERRORS = (*_BODY_ERRORS, errors.InvalidJson, errors.InvalidBase64, errors.FieldTooLarge)
-_FORM_ERRORS = (*_BODY_ERRORS, errors.InvalidMultipart, errors.FieldTooLarge)
+_FORM_ERRORS = (
+    *_BODY_ERRORS,
+    errors.InvalidMultipart,
+    errors.MissingAudioPart,
+    errors.FieldTooLarge,
+)
 
 _SECONDS = {"type": "number", "minimum": 0}
 
@@ -222,7 +228,7 @@ def build_openapi() -> dict[str, Any]:
                                 "audio/mpeg": {"schema": {"type": "string", "format": "binary"}},
                             },
                         },
-                        **_error_responses(*_BODY_ERRORS),
+                        **_error_responses(*_RAW_ERRORS),
                     },
                 }
             },

@@ -10,14 +10,23 @@ from starlette.responses import JSONResponse, Response
 from . import errors
 from .ingest import parse_window
 from .jobs import HttpJob
-from .legacy_json import LegacyJsonDecoder
+from .legacy_json import BLOB_FIELD, LegacyJsonDecoder
 from .multipart_upload import LEGACY_FILE_FIELD, OPENAI_FILE_FIELD, MultipartDecoder
 from .pipeline import JobResult, JobSpec
+from .request_shape import (
+    RAW_ENDPOINT,
+    check_no_body_fields_in_query,
+    check_query,
+    check_raw_content_type,
+    refuse_forms_and_json,
+)
 from .responses import mp3_response, success_body
 from .summarize import SummarizationType
 from .transcribers import TranscribeOptions, Transcript
 from .transcript_formats import RESPONSE_FORMATS, ResponseFormat, render
 from .uploads import BodyDecoder, Upload
+
+RAW_QUERY = ("fromTime", "toTime", "summarizationType")
 
 
 async def transcriptions(request: Request) -> Response:
@@ -26,6 +35,9 @@ async def transcriptions(request: Request) -> Response:
         await job.authenticate()
         settings = job.services.settings
         query = request.query_params
+        # A parameter this endpoint does not read would be silently ignored: say so instead.
+        check_query(query.keys(), RAW_QUERY, endpoint=f"POST {RAW_ENDPOINT}")
+        check_raw_content_type(request.headers.get("content-type"))
         window = parse_window(query, max_window_seconds=settings.max_window_seconds)
         want_mp3 = "audio/mpeg" in request.headers.get("accept", "")
         summary = SummarizationType.parse(query.get("summarizationType"))
@@ -36,7 +48,7 @@ async def transcriptions(request: Request) -> Response:
             request_id=job.request_id, window=window, user_id=job.user_id, want_mp3=want_mp3
         )
         async with job.admitted():
-            result = await job.run(spec, job.body())
+            result = await job.run(spec, refuse_forms_and_json(job.body()))
         if result.mp3 is not None:
             job.response = mp3_response(result)
         else:
@@ -46,11 +58,14 @@ async def transcriptions(request: Request) -> Response:
 
 
 LEGACY_TIMES = ("fromTime", "toTime")
+LEGACY_FIELDS = (*LEGACY_TIMES, "summarizationType")
 
 
 async def trim_and_transcribe(request: Request) -> Response:
     """`POST /trim-and-transcribe`: the old app's JSON, the recording base64 in `fileBlob`."""
-    return await _legacy(request, "legacy-json", LegacyJsonDecoder)
+    return await _legacy(
+        request, "legacy-json", LegacyJsonDecoder, (BLOB_FIELD, *LEGACY_FIELDS), "JSON body"
+    )
 
 
 async def trim_and_transcribe_multipart(request: Request) -> Response:
@@ -60,18 +75,30 @@ async def trim_and_transcribe_multipart(request: Request) -> Response:
         return MultipartDecoder(
             request.headers.get("content-type"),
             file_field=LEGACY_FILE_FIELD,
-            fields=(*LEGACY_TIMES, "summarizationType"),
+            fields=LEGACY_FIELDS,
         )
 
-    return await _legacy(request, "legacy-multipart", decoder)
+    return await _legacy(
+        request, "legacy-multipart", decoder, (LEGACY_FILE_FIELD, *LEGACY_FIELDS), "form"
+    )
 
 
 async def _legacy(
-    request: Request, endpoint: str, make_decoder: Callable[[], BodyDecoder]
+    request: Request,
+    endpoint: str,
+    make_decoder: Callable[[], BodyDecoder],
+    body_fields: tuple[str, ...],
+    body: str,
 ) -> Response:
     async with HttpJob(request, endpoint) as job:
         await job.authenticate()
         settings = job.services.settings
+        check_no_body_fields_in_query(
+            request.query_params.keys(),
+            body_fields,
+            endpoint=f"POST {request.url.path}",
+            body=body,
+        )
         job.check_body_length(encoded=True)
         decoder = make_decoder()  # a malformed Content-Type is a 400 before the body is read
         async with job.admitted(), await job.read_upload(decoder, LEGACY_TIMES) as upload:
@@ -101,6 +128,12 @@ async def openai_transcriptions(request: Request) -> Response:
     async with HttpJob(request, "openai", error_style="openai") as job:
         await job.authenticate()
         settings = job.services.settings
+        check_no_body_fields_in_query(
+            request.query_params.keys(),
+            (OPENAI_FILE_FIELD, *OPENAI_FIELDS),
+            endpoint=f"POST {request.url.path}",
+            body="form",
+        )
         job.check_body_length(encoded=True)
         decoder = MultipartDecoder(
             request.headers.get("content-type"), file_field=OPENAI_FILE_FIELD, fields=OPENAI_FIELDS
