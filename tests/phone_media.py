@@ -7,7 +7,9 @@ pipe (M4A with `moov` after `mdat`, CAF with `pakt` after `data`) are made large
 
 ffmpeg cannot mux AAC into CAF, so `write_aac_caf` below assembles it the way Apple's
 AudioFile API does: `desc`, `chan`, `kuki` holding an MPEG-4 ES descriptor, `data` (edit
-count first), and the packet table `pakt` after the audio, or before it.
+count first), and the packet table `pakt` after the audio, or before it.  `write_caf` lays
+out any CAF's chunks in a given order, with the chunks Apple's and other writers put
+between the header chunks and `data` (`free`, `info`, `chan`, `uuid`, `mark`, `strg`).
 
 Debian's ffmpeg (`/usr/bin/ffmpeg`, the service image's) builds every fixture but one: it
 cannot encode AMR, so the 3GP/AMR-NB recording comes from the `imageio-ffmpeg` binary.
@@ -19,6 +21,7 @@ import shutil
 import struct
 import subprocess
 import wave
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -216,10 +219,8 @@ def parse_adts(data: bytes) -> AacStream:
     return AacStream(packets, asc, _AAC_RATES[rate_index], channels)
 
 
-def write_aac_caf(
-    path: Path, aac: AacStream, *, valid_frames: int, priming: int, pakt_first: bool
-) -> Path:
-    """AAC in CAF, laid out as Apple writes it; `pakt_first` moves the table before `data`."""
+def aac_caf_chunks(aac: AacStream, *, valid_frames: int, priming: int) -> dict[str, bytes]:
+    """The chunks of an AAC CAF as Apple writes them: `desc`, `chan`, `kuki`, `pakt`, `data`."""
     sizes = [len(packet) for packet in aac.packets]
     total_frames = 1024 * len(sizes)
     valid_frames = min(valid_frames, total_frames - priming)
@@ -229,23 +230,121 @@ def write_aac_caf(
     cookie = esds_descriptor(
         aac.asc, avg_bitrate=avg_bitrate, max_bitrate=avg_bitrate * 2, buffer_size=max(sizes)
     )
-    head = [
-        CAF_HEADER,
-        caf_desc(
+    return {
+        "desc": caf_desc(
             b"aac ",
             sample_rate=aac.sample_rate,
             channels=aac.channels,
             flags=2,  # kMPEG4Object_AAC_LC
             frames_per_packet=1024,
         ),
-        caf_chan(aac.channels),
-        caf_chunk(b"kuki", cookie),
-    ]
-    pakt = caf_pakt(sizes, valid_frames=valid_frames, priming=priming, remainder=remainder)
-    data = caf_data(b"".join(aac.packets))
-    body = [pakt, data] if pakt_first else [data, pakt]
-    path.write_bytes(b"".join(head + body))
+        "chan": caf_chan(aac.channels),
+        "kuki": caf_chunk(b"kuki", cookie),
+        "pakt": caf_pakt(sizes, valid_frames=valid_frames, priming=priming, remainder=remainder),
+        "data": caf_data(b"".join(aac.packets)),
+    }
+
+
+def write_aac_caf(
+    path: Path, aac: AacStream, *, valid_frames: int, priming: int, pakt_first: bool
+) -> Path:
+    """AAC in CAF, laid out as Apple writes it; `pakt_first` moves the table before `data`."""
+    chunks = aac_caf_chunks(aac, valid_frames=valid_frames, priming=priming)
+    body = ["pakt", "data"] if pakt_first else ["data", "pakt"]
+    return write_caf(path, chunks, ["desc", "chan", "kuki", *body])
+
+
+# --- CAF chunks between the header chunks and the audio ------------------------------------
+
+APPLE_DATA_ALIGNMENT = 4096
+"""Apple's writers size a `free` chunk before `data` so that the audio starts at byte 4096."""
+
+
+def caf_free(size: int) -> bytes:
+    return caf_chunk(b"free", b"\0" * size)
+
+
+def caf_info(entries: Mapping[str, str], *, room: int = 0) -> bytes:
+    """`info`: a count, then key and value strings; `room` zero bytes left after them for
+    later edits (ffmpeg 5.1 reads the strings, not the chunk's size)."""
+    strings = b"".join(f"{key}\0{value}\0".encode() for key, value in entries.items())
+    return caf_chunk(b"info", struct.pack(">I", len(entries)) + strings + b"\0" * room)
+
+
+def caf_uuid(uuid: bytes, payload: bytes) -> bytes:
+    """A vendor's chunk: a 16-byte UUID, then whatever the vendor keeps there."""
+    assert len(uuid) == 16
+    return caf_chunk(b"uuid", uuid + payload)
+
+
+def caf_mark(frame_positions: Sequence[float]) -> bytes:
+    """`mark`: no SMPTE time type, then per marker its type, frame position, ID, an empty
+    SMPTE time and channel 0 (CAF specification, CAFMarker)."""
+    markers = b"".join(
+        struct.pack(">Id i 8s I", 0, position, index + 1, b"", 0)
+        for index, position in enumerate(frame_positions)
+    )
+    return caf_chunk(b"mark", struct.pack(">II", 0, len(frame_positions)) + markers)
+
+
+def caf_strg(strings: Sequence[str]) -> bytes:
+    """`strg`: a count, an (ID, offset) pair per string, then the strings, NUL-terminated."""
+    table = b""
+    heap = b""
+    for index, text in enumerate(strings):
+        table += struct.pack(">Iq", index + 1, len(heap))
+        heap += text.encode() + b"\0"
+    return caf_chunk(b"strg", struct.pack(">I", len(strings)) + table + heap)
+
+
+EXTRA_CAF_CHUNKS: dict[str, bytes] = {
+    "info": caf_info(
+        {"date": "2024-05-01T09:30:00+02:00", "encoding application": "Voice Notes 3.2"},
+        room=64,
+    ),
+    "chan": caf_chan(1),
+    "uuid": caf_uuid(bytes.fromhex("29b6e3a54ef24d9c8c3f1f6a1e5b2d07"), b"\x01" + b"\0" * 59),
+    "mark": caf_mark([48_000.0, 96_000.0]),
+    "strg": caf_strg(["Intro", "Second thought"]),
+}
+"""Chunks that may come between the header chunks and `data`, by name; `free` is sized
+where it lands (see `write_caf`)."""
+
+
+def write_caf(
+    path: Path,
+    chunks: Mapping[str, bytes],
+    order: Sequence[str],
+    *,
+    align_data: int = APPLE_DATA_ALIGNMENT,
+) -> Path:
+    """A CAF of `chunks` (or of `EXTRA_CAF_CHUNKS`) in `order`, by name.
+
+    A `free` in `order` is sized so that the audio after `data`'s edit count starts at the
+    next multiple of `align_data` (4096, as Apple's writers do; more, to push `data` past
+    the service's sniff window).
+    """
+    parts = [chunks[name] if name in chunks else EXTRA_CAF_CHUNKS.get(name) for name in order]
+    if "free" in order:
+        before = len(CAF_HEADER) + sum(len(part or b"") for part in parts[: order.index("data")])
+        audio_starts = before + len(caf_free(0)) + 12 + 4  # the data chunk's header, edit count
+        parts[order.index("free")] = caf_free(-audio_starts % align_data)
+    missing = [name for name, part in zip(order, parts, strict=True) if part is None]
+    assert not missing, f"no chunk named {missing}"
+    path.write_bytes(CAF_HEADER + b"".join(part or b"" for part in parts))
     return path
+
+
+def caf_chunks_of(data: bytes) -> dict[str, bytes]:
+    """The chunks of a whole CAF (as ffmpeg writes it), whole, by name."""
+    chunks = {}
+    offset = len(CAF_HEADER)
+    while offset < len(data):
+        kind, size = struct.unpack(">4sq", data[offset : offset + 12])
+        end = len(data) if size < 0 else offset + 12 + size
+        chunks[kind.decode("latin-1")] = data[offset:end]
+        offset = end
+    return chunks
 
 
 # --- WAV ---------------------------------------------------------------------------------

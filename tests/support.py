@@ -81,6 +81,16 @@ class Server:
     def request_logs(self) -> list[dict[str, Any]]:
         return [entry["request"] for entry in self.logs() if "request" in entry]
 
+    def request_log(self, request_id: str) -> dict[str, Any]:
+        """The request's JSON log line (written just before the response; allow it to land)."""
+        deadline = time.monotonic() + 5
+        while True:
+            found = [entry for entry in self.request_logs() if entry["requestId"] == request_id]
+            if found or time.monotonic() > deadline:
+                assert len(found) == 1, f"{len(found)} log lines for {request_id}"
+                return found[0]
+            time.sleep(0.02)
+
     def wait_idle(self, timeout: float = 10.0) -> None:
         """Wait until no ffmpeg runs and no temp file is left or open, or fail saying which."""
         deadline = time.monotonic() + timeout
@@ -222,6 +232,16 @@ def decoded_seconds(data: bytes, tmp_path: Path) -> float:
         check=True, capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     return float(probe.stdout.strip())
+
+
+def ffmpeg_seconds(path: Path) -> float:
+    """The length of audio `ffmpeg -i path` decodes from the file (it may seek), in seconds."""
+    done = subprocess.run(
+        [FFMPEG, "-v", "error", "-nostdin", "-i", str(path), "-map", "0:a:0", "-ac", "1",
+         "-ar", "8000", "-f", "s16le", "pipe:1"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return len(done.stdout) / 16_000
 
 
 async def chunked(

@@ -9,9 +9,7 @@ nothing left behind.  The matrix below is the one the README shows.
 from __future__ import annotations
 
 import subprocess
-import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -56,17 +54,6 @@ def phones(media: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, P
     return phone_files(tmp_path_factory.getbasetemp() / "phones", media / "sentence.wav")
 
 
-def log_line(server: Server, request_id: str) -> dict[str, Any]:
-    """The request's JSON log line (written just before the response; allow it to land)."""
-    deadline = time.monotonic() + 5
-    while True:
-        found = [entry for entry in server.request_logs() if entry["requestId"] == request_id]
-        if found or time.monotonic() > deadline:
-            assert len(found) == 1, f"{len(found)} log lines for {request_id}"
-            return found[0]
-        time.sleep(0.02)
-
-
 async def uploads_counted(server: Server, phone: PhoneFile) -> float:
     """`vrai_uploads_total` for this recording's container and mode, from /metrics."""
     async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
@@ -102,7 +89,7 @@ async def test_phone_recording_comes_back_as_its_words(
     assert abs(body["duration"] - (SPEECH_WINDOW[1] - SPEECH_WINDOW[0])) <= 0.25
     # ... and the body was still read to its end, in STREAM and in SEEKABLE mode alike.
     assert body["inputSize"] == len(data)
-    logged = log_line(server, body["requestId"])
+    logged = server.request_log(body["requestId"])
     assert (logged["format"], logged["mode"]) == (phone.container, phone.mode)
     assert (logged["status"], logged["code"]) == (200, "ok")
     assert logged["inputSize"] == len(data)

@@ -4,12 +4,16 @@ Only the bytes decide, never a Content-Type or a file name.  Two layouts that iP
 write cannot be read from a pipe: MP4/M4A with the `moov` index after the audio (`mdat`),
 and CAF whose packet table (`pakt`) follows the audio (`data`) when packets vary in size.
 Those go to disk first (SEEKABLE); everything else streams into ffmpeg as it arrives.
+
+A third iPhone layout streams once `pipe_filter` has left out a few of its bytes: CAF with
+a `free` chunk (or `uuid`, `mark`, `strg`, ...) before `data`; see `CafChunkFilter`.
 """
 
 from __future__ import annotations
 
 import enum
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 SNIFF_LIMIT_BYTES = 256 * 1024
@@ -168,3 +172,104 @@ def _undecided(container: str, complete: bool, detail: str) -> Layout | None:
     if not complete:
         return None
     return Layout(container, Mode.SEEKABLE, detail)
+
+
+# --- what ffmpeg reads in STREAM mode ------------------------------------------------------
+
+
+def pipe_filter(layout: Layout) -> Callable[[bytes], bytes]:
+    """What to do to each chunk of the body before ffmpeg reads it from a pipe.
+
+    Only CAF needs anything done; the debug copy and the SEEKABLE spool get the body as sent.
+    """
+    if layout.container == "caf":
+        return CafChunkFilter().feed
+    return _unchanged
+
+
+def _unchanged(chunk: bytes) -> bytes:
+    return chunk
+
+
+class CafChunkFilter:
+    """Leaves out of a streamed CAF the chunks before `data` that ffmpeg would choke on.
+
+    ffmpeg 5.1's CAF demuxer moves to the next chunk by seeking to where the chunk's size
+    says it ends, and only when the input can seek.  On a pipe it relies on each chunk's
+    reader having consumed the chunk exactly.  The readers of `desc`, `kuki` and `pakt` do
+    (`chan`'s too, unless it claims more channel descriptions than it holds); `free` and
+    every chunk it does not know (`uuid`, `mark`, `strg`, `ovvw`, ...) are not read at all,
+    and `info` is read string by string, not up to its size.  The demuxer then takes the
+    rest of the chunk for the next chunk header ("skipping CAF chunk: 00000000") and gives
+    up ("Invalid data found").  Apple's writers put a `free` chunk before `data` to start
+    the audio at byte 4096, so iPhone recordings fail this way.
+
+    Decoding needs only `desc`, `kuki`, `pakt` and `data`, and the packet table holds
+    packet sizes, not file offsets: dropping the other chunks before `data` gives ffmpeg
+    the same audio.  (`chan` goes too: the service mixes down to mono, and ffmpeg's default
+    layout for the channel count serves.)  This keeps such uploads streaming, decoded while
+    they arrive, instead of spooling them to disk first (SEEKABLE) only for ffmpeg to seek
+    past a few kilobytes of padding.  It is a byte counter over chunk headers: it holds at
+    most one 12-byte header, and from the `data` chunk on it hands each chunk back as is.
+
+    A chunk of unknown size (-1) before `data` cannot be skipped by its size: from there on
+    the bytes pass unchanged, and ffmpeg answers as it would have without this filter.
+    """
+
+    _KEPT = frozenset({b"desc", b"kuki", b"pakt"})
+
+    def __init__(self) -> None:
+        self._header = bytearray()
+        self._header_size = _CAF_HEADER
+        """The file header first, then one chunk header after another."""
+        self._keep = 0
+        """Bytes of the current chunk still to pass on."""
+        self._drop = 0
+        """Bytes of the current chunk still to leave out."""
+        self._through = False
+        """From `data` (or anything unexpected) on, every byte passes."""
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The part of `chunk` ffmpeg should read; `chunk` itself once past the head."""
+        if self._through:
+            return chunk
+        out: list[bytes | memoryview] = []
+        view = memoryview(chunk)
+        position = 0
+        end = len(view)
+        while position < end:
+            if self._through:
+                out.append(view[position:])
+                break
+            if self._keep or self._drop:
+                step = min(self._keep or self._drop, end - position)
+                if self._keep:
+                    out.append(view[position : position + step])
+                    self._keep -= step
+                else:
+                    self._drop -= step
+                position += step
+                continue
+            step = min(self._header_size - len(self._header), end - position)
+            self._header += view[position : position + step]
+            position += step
+            if len(self._header) == self._header_size:
+                out.append(self._next_chunk(bytes(self._header)))
+                self._header.clear()
+        return b"".join(out)
+
+    def _next_chunk(self, header: bytes) -> bytes:
+        """Decide on a header that has just arrived; return what of it to pass on."""
+        if self._header_size == _CAF_HEADER:
+            self._header_size = _CAF_CHUNK_HEADER
+            return header
+        chunk_type = header[:4]
+        (size,) = struct.unpack(">q", header[4:])
+        if chunk_type == b"data" or size < 0:
+            self._through = True
+            return header
+        if chunk_type in self._KEPT:
+            self._keep = size
+            return header
+        self._drop = size
+        return b""

@@ -20,7 +20,7 @@ from . import errors, metrics
 from .auth import ANONYMOUS
 from .debug_store import CopyContext, DebugCopies, DebugStore
 from .ingest import BodyMeter, limited
-from .layout import SNIFF_LIMIT_BYTES, Layout, Mode, sniff
+from .layout import SNIFF_LIMIT_BYTES, Layout, Mode, pipe_filter, sniff
 from .settings import Settings
 from .spool import Budget, FileSpool, Spool
 from .transcode import (
@@ -182,9 +182,8 @@ class Pipeline:
                 if layout.mode is Mode.STREAM:
                     command = self._command(spec)
                     async with self._ffmpeg_run(command, output) as ffmpeg:
-                        group.start_soon(
-                            _pump, head, body, ffmpeg.feed, ffmpeg.finish_input, copies
-                        )
+                        feed = _filtered(layout, ffmpeg)
+                        group.start_soon(_pump, head, body, feed, ffmpeg.finish_input, copies)
                         failure = await self._finish(spec, ffmpeg, output, result, copies)
                 else:
                     # ffmpeg must seek in this layout: the body goes to disk first.
@@ -322,6 +321,19 @@ async def _pump(
         await write(chunk)
     copies.end_input()
     await finish()
+
+
+def _filtered(layout: Layout, ffmpeg: FfmpegJob) -> Callable[[bytes], Awaitable[None]]:
+    """ffmpeg's feed, through the layout's pipe filter (CAF: chunks the pipe demuxer chokes on
+    are left out); the debug copy still gets every byte."""
+    keep = pipe_filter(layout)
+
+    async def feed(chunk: bytes) -> None:
+        kept = keep(chunk)
+        if kept:
+            await ffmpeg.feed(kept)
+
+    return feed
 
 
 def _first_service_error(group: BaseExceptionGroup[BaseException]) -> errors.ServiceError | None:
