@@ -7,9 +7,9 @@ uvicorn, anyio), with the same settings and parts, so that a comparison measures
 design and nothing else:
 
 * the same environment variables, read by `vrai_stream.settings.Settings.from_env()`;
-* the same ffmpeg command (`vrai_stream.transcode.build_command`, memory cap included),
+* the same ffmpeg command (`vrai_stream.media.ffmpeg.build_command`, memory cap included),
   except that its input is the temp file and its output another temp file;
-* the same transcriber (`vrai_stream.transcribers.create_transcriber`), the same S3 SDK
+* the same transcriber (`vrai_stream.speech.transcribers.create_transcriber`), the same S3 SDK
   (aioboto3, `AWS_*` variables) and key names, the same JSON shapes and error codes.
 
 What it deliberately lacks is what the streaming design adds: no admission control, no
@@ -19,7 +19,7 @@ slowness either: blocking file I/O runs in worker threads, as Node's `fs` did.
 One JSON log line per request on stdout carries the same `request.timings` the service
 logs, so `bench/load.py` reads both servers' timings the same way.
 
-Run: .venv/bin/python bench/baseline.py [--host 127.0.0.1] [--port 8090]
+Run: .venv/bin/python -m bench.baseline [--host 127.0.0.1] [--port 8090]
 (`VRAI_DEBUG_STORE=s3` with a bucket turns on the copies; `dir` is treated as off.)
 """
 
@@ -49,21 +49,17 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from vrai_stream import errors
-from vrai_stream.auth import ANONYMOUS
-from vrai_stream.debug_store import CopyContext, Keys, metadata
-from vrai_stream.ingest import parse_window
-from vrai_stream.layout import SNIFF_LIMIT_BYTES, Layout, sniff
-from vrai_stream.responses import error_response
-from vrai_stream.settings import Settings
-from vrai_stream.transcode import (
-    TranscodeOutcome,
-    Window,
-    build_command,
-    explain_failure,
-    find_ffmpeg,
-    mp3_duration,
-)
-from vrai_stream.transcribers import Audio, Transcriber, create_transcriber
+from vrai_stream.debug_store.base import CopyContext, Keys, metadata
+from vrai_stream.http.responses import error_response
+from vrai_stream.media.failures import explain_failure
+from vrai_stream.media.ffmpeg import build_command, find_ffmpeg
+from vrai_stream.media.ffmpeg_job import TranscodeOutcome
+from vrai_stream.media.mp3 import mp3_duration
+from vrai_stream.media.sniff import SNIFF_LIMIT_BYTES, Layout, sniff
+from vrai_stream.media.window import Window, parse_window
+from vrai_stream.settings import ANONYMOUS, Settings
+from vrai_stream.speech.transcribers import create_transcriber
+from vrai_stream.speech.transcribers.base import Audio, Transcriber
 
 TMP_PREFIX = "vrai-baseline-"
 

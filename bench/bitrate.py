@@ -15,8 +15,8 @@ them loses against the other three; the recommendation is the lowest such bitrat
 small model is fragile (it sometimes skips a sentence of good audio), so the median over
 recordings decides, not the pooled rate that one such skip can move by a point.
 
-Run: .venv/bin/python bench/bitrate.py [--quick] [--bitrates 16,24,32,40,48,64]
-     .venv/bin/python bench/bitrate.py --rescore bench/results/bitrate.json
+Run: .venv/bin/python -m bench.bitrate [--quick] [--bitrates 16,24,32,40,48,64]
+     .venv/bin/python -m bench.bitrate --rescore bench/results/bitrate.json
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import describe_machine, machine, markdown_table, run_ffmpeg, tool, write_json
+
+from .common import describe_machine, machine, markdown_table, run_ffmpeg, tool, write_json
 
 SAMPLE_RATE = 16_000
 DEFAULT_BITRATES = (16, 24, 32, 40, 48, 64)

@@ -21,7 +21,7 @@ machine.  Figures are with a warm page cache: a stopped Fly machine boots with a
 The checkout's Python has its standard library compiled to .pyc; the python:3.11-slim
 image has none, which `.ci/prove-image` measures for the image itself.
 
-Run: .venv/bin/python bench/cold_start.py [--starts 15] [--first-runs 5] [--warm-runs 10]
+Run: .venv/bin/python -m bench.cold_start [--starts 15] [--first-runs 5] [--warm-runs 10]
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from common import describe_machine, machine, markdown_table, median, tool, write_json
+from .common import describe_machine, machine, markdown_table, median, tool, write_json
 
 HEALTH_TARGET_SECONDS = 0.3
 START_TIMEOUT_SECONDS = 60.0

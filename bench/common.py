@@ -27,15 +27,15 @@ from typing import Any
 import httpx
 import psutil
 
+# The bench builds on the tests' harness (phone matrix, soak engine, process helpers): the
+# scripts run as modules from the repository's root (`python -m bench.memory`), so `tests` is
+# importable as it is for pytest.
+from tests.support.server import stop_process as stop  # SIGTERM, then SIGKILL
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
 MiB = 1024 * 1024
-
-# The bench builds on the tests' parts (phone matrix, soak engine, process helpers).
-sys.path.insert(0, str(REPO_DIR))
-
-from tests.support import stop_process as stop  # noqa: E402  (SIGTERM, then SIGKILL)
 
 
 def tool(name: str) -> str:

@@ -19,7 +19,7 @@ Both servers answer `Accept: audio/mpeg`, so nothing is transcribed: the figures
 upload, the transcode and the copies.  Their transcriber is OpenAI at an address where
 nothing listens, as in production (the image has no local model) and never called.
 
-Run: .venv/bin/python bench/debug_copies.py [--repeats 3] [--sizes 10,50] [--paces 2,0]
+Run: .venv/bin/python -m bench.debug_copies [--repeats 3] [--sizes 10,50] [--paces 2,0]
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ import boto3
 import httpx
 import psutil
 from botocore.config import Config
-from common import (
+
+from .common import (
     REPO_DIR,
     MiB,
     ServerProcess,

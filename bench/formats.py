@@ -11,10 +11,10 @@ the body goes to disk first and ffmpeg's whole run comes after the last byte: th
 "ffmpeg alone" (the same conversion, file to file, without the service) shows that cost.
 
 The recordings are built here, 5 minutes long, in the formats of the tests' phone matrix
-(`tests/phone_media.py`); ffmpeg cannot mux AAC into CAF, so the tests' CAF writer does it
+(`tests/support/phone_media.py`); ffmpeg cannot mux AAC into CAF, so the tests' CAF writer does it
 the way Apple's AudioFile API does (desc, chan, kuki, data, pakt).
 
-Run: .venv/bin/python bench/formats.py [--seconds 300] [--repeats 3] [--only wav,caf-alac]
+Run: .venv/bin/python -m bench.formats [--seconds 300] [--repeats 3] [--only wav,caf-alac]
 """
 
 from __future__ import annotations
@@ -31,7 +31,17 @@ from pathlib import Path
 
 import anyio
 import httpx
-from common import (
+
+from tests.support.phone_media import (
+    FIXTURE_NAMES,
+    amr_ffmpeg,
+    parse_adts,
+    streaming_wav,
+    wav_samples,
+    write_aac_caf,
+)
+
+from .common import (
     REPO_DIR,
     ServerProcess,
     describe_machine,
@@ -42,15 +52,6 @@ from common import (
     running_service,
     tool,
     write_json,
-)
-
-from tests.phone_media import (
-    FIXTURE_NAMES,
-    amr_ffmpeg,
-    parse_adts,
-    streaming_wav,
-    wav_samples,
-    write_aac_caf,
 )
 
 RATE = 48_000

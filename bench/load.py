@@ -39,8 +39,8 @@ sends, as a phone's network stack does: httpx sends the whole body before readin
 early 503 (sent before the body is read) reaches it as a connection reset instead.
 httpx does the rest (health checks, polling).
 
-Run: .venv/bin/python bench/load.py --quick      (under a minute)
-     .venv/bin/python bench/load.py [--full]     (about 20 minutes on 2 cores)
+Run: .venv/bin/python -m bench.load --quick      (under a minute)
+     .venv/bin/python -m bench.load [--full]     (about 20 minutes on 2 cores)
 Output: bench/results/load.json (load-quick.json), a Markdown report on stdout and in
 bench/results/load.md, and PNG plots bench/results/load-*.png.
 """
@@ -65,7 +65,10 @@ import anyio
 import h11
 import httpx
 import psutil
-from common import (
+
+from tests.support.phone_media import parse_adts, write_aac_caf  # Apple's CAF, as phones write
+
+from .common import (
     MiB,
     Progress,
     ServerProcess,
@@ -85,8 +88,6 @@ from common import (
     wait_ready,
     write_json,
 )
-
-from tests.phone_media import parse_adts, write_aac_caf  # Apple's CAF layout, as phones write it
 
 MB = 1_000_000
 KB = 1_000
@@ -526,10 +527,11 @@ def cpu_seconds(pid: int) -> float:
 
 def raw_command(env: dict[str, str], source: Path, target: Path) -> list[str]:
     """The very command both servers run, from the same settings (see bench/baseline.py)."""
-    from baseline import file_to_file_command
-
+    from vrai_stream.media.ffmpeg import find_ffmpeg
+    from vrai_stream.media.window import Window
     from vrai_stream.settings import Settings
-    from vrai_stream.transcode import Window, find_ffmpeg
+
+    from .baseline import file_to_file_command
 
     settings = Settings.from_env(env)
     window = Window(*WINDOW)
@@ -615,7 +617,7 @@ def server_pair(folder: Path, env: dict[str, str], tag: str) -> Iterator[dict[st
     """
     commands = {
         "service": [sys.executable, "-m", "vrai_stream.cli", "serve", "--port"],
-        "baseline": [sys.executable, str(Path(__file__).with_name("baseline.py")), "--port"],
+        "baseline": [sys.executable, "-m", "bench.baseline", "--port"],
     }
     with contextlib.ExitStack() as stack:
         servers = {}
@@ -685,7 +687,8 @@ def quick_plan() -> Plan:
 
 
 def full_plan() -> Plan:
-    paced = [(2 * MB, "*", size) for size in (1, 10, 50)] + [(2 * MB, "lpcm-caf", 200)]
+    paced: list[tuple[float, str, int]] = [(2 * MB, "*", size) for size in (1, 10, 50)]
+    paced += [(2 * MB, "lpcm-caf", 200)]
     paced += [(256 * 1024, "*", 1), (256 * 1024, "lpcm-caf", 10)]
     return Plan(
         sizes=[1, 10, 50, 200],
@@ -1570,7 +1573,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     path = write_json(f"{stem}.json", results)
     path.with_suffix(".md").write_text(text + "\n")
-    from plots import plot_all
+    from .plots import plot_all
 
     images = plot_all(summary, stem) if summary["sizes"] or summary["concurrency"] else []
     print(

@@ -15,7 +15,7 @@ still sit in kernel socket buffers at that moment, so for small uploads it inclu
 of the transfer.  The server's figure (its own `timings.afterLastByte`, from its log)
 starts when the service read the last byte, which is the tail the design promises.
 
-Run: .venv/bin/python bench/memory.py [--sizes 10,100] [--repeats 3] [--quick]
+Run: .venv/bin/python -m bench.memory [--sizes 10,100] [--repeats 3] [--quick]
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ from typing import Any
 import anyio
 import httpx
 import psutil
-from common import (
+
+from .common import (
     MiB,
     ServerProcess,
     describe_machine,
@@ -395,7 +396,7 @@ def warm_up(server: ServerProcess, folder: Path) -> None:
 
 def run_all(corpus: dict[int, Path], repeats: int, work: Path, bitrate_kbps: int) -> Results:
     results = Results()
-    with running_service("server", work, **server_env(bitrate_kbps)) as server:
+    with running_service("server", work, wait=True, **server_env(bitrate_kbps)) as server:
         pid = server.process.pid
         results.idle_after_start = settle(pid)
         warm_up(server, work)

@@ -3,7 +3,7 @@
 Kept apart from the load generator so the plots can be redrawn from a results file
 without running anything again:
 
-    .venv/bin/python bench/plots.py bench/results/load.json
+    .venv/bin/python -m bench.plots bench/results/load.json
 
 Each plot puts the service (solid lines) next to the buffered baseline (dashed), one
 colour per format, so the difference in shape, flat against growing, is what shows.
@@ -21,7 +21,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display: files only
 import matplotlib.pyplot as plt
-from common import RESULTS_DIR, MiB
+
+from .common import RESULTS_DIR, MiB
 
 STYLE = {"service": "-", "baseline": "--"}
 MARKERS = {"service": "o", "baseline": "s"}

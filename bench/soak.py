@@ -7,12 +7,12 @@ answers and hangs; 10% of clients reset mid-upload, 10% of files are truncated o
 corrupted, some windows lie past the end.  Afterwards: every answer judged, and what the
 server left (children, temp files, multipart uploads, descriptors, RSS) measured.
 
-The engine is `tests/soak_engine.py`: it is built from the tests' real parts (the fake
+The engine is `tests/support/soak_engine.py`: it is built from the tests' real parts (the fake
 OpenAI server, moto and its proxy, the phone matrix), so it lives with them, and the short
 variant runs in CI as `tests/test_soak.py`.  This script only sets the size of the run,
 prints the table and writes `bench/results/soak.json`.
 
-Run: .venv/bin/python bench/soak.py [--requests 500] [--concurrency 12] [--seed 8]
+Run: .venv/bin/python -m bench.soak [--requests 500] [--concurrency 12] [--seed 8]
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO_DIR, describe_machine, machine, write_json
+from tests.support.soak_engine import FD_SLACK, SoakConfig, build_phones, run_soak
 
-from tests.soak_engine import FD_SLACK, SoakConfig, build_phones, run_soak
+from .common import REPO_DIR, describe_machine, machine, write_json
 
 
 def main() -> int:

@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
-from .s3_server import MotoServer, start_moto
-from .support import SENTENCE, Server, run_ffmpeg, speak, start_server
+from .support.audio import SENTENCE, run_ffmpeg, speak
+from .support.s3_server import MotoServer, start_moto
+from .support.server import Server, start_server
 
 
 @pytest.fixture(scope="session")

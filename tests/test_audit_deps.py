@@ -67,7 +67,7 @@ def test_a_known_vulnerability_of_the_pinned_release_fails() -> None:
 
 def test_a_pin_on_the_latest_release_is_checked_against_the_project_document() -> None:
     pin = Pin("pycrypto", "2.6.1")
-    unfixed = {"id": "GHSA-6528-wvf6-f6qg", "fixed_in": [], "withdrawn": None}
+    unfixed: dict[str, object] = {"id": "GHSA-6528-wvf6-f6qg", "fixed_in": [], "withdrawn": None}
     records = {pin: Record(latest="2.6.1", latest_vulnerabilities=[unfixed])}
     report = audit.assess(records, records)
     assert report.failed

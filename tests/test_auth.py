@@ -23,22 +23,15 @@ import pytest
 from jwt.warnings import InsecureKeyLengthWarning
 
 from vrai_stream import errors
-from vrai_stream.auth import (
-    ANONYMOUS,
-    FIREBASE_ISSUER_PREFIX,
-    FIREBASE_JWKS_URL,
-    AuthConfig,
-    JwtAuthenticator,
-    OffAuthenticator,
-    TokenAuthenticator,
-    cache_ttl,
-    create_authenticator,
-    hash_token,
-    main,
-    parse_token_table,
-)
+from vrai_stream.auth.__main__ import main
+from vrai_stream.auth.authenticator import create_authenticator
+from vrai_stream.auth.config import AuthConfig, hash_token, parse_token_table
+from vrai_stream.auth.jwks import cache_ttl
+from vrai_stream.auth.jwt import FIREBASE_ISSUER_PREFIX, FIREBASE_JWKS_URL, JwtAuthenticator
+from vrai_stream.auth.tokens import OffAuthenticator, TokenAuthenticator
+from vrai_stream.settings import ANONYMOUS
 
-from .jwks_server import (
+from .support.jwks_server import (
     JwksServer,
     SigningKey,
     b64url,
@@ -144,7 +137,7 @@ async def refused(authenticator: Any, header: str | None) -> errors.Unauthorized
         await authenticator.authenticate(header)
     failure = caught.value
     assert (failure.status, failure.code) == (401, "unauthorized")
-    challenge = failure.headers["WWW-Authenticate"]
+    challenge = failure.challenge
     if header:
         token = header.partition(" ")[2].strip()
         if len(token) > 3:
@@ -155,7 +148,7 @@ async def refused(authenticator: Any, header: str | None) -> errors.Unauthorized
 
 async def invalid(authenticator: Any, header: str | None, words: str) -> None:
     failure = await refused(authenticator, header)
-    challenge = failure.headers["WWW-Authenticate"]
+    challenge = failure.challenge
     assert challenge.startswith(INVALID_CHALLENGE), challenge
     assert challenge.endswith('"')
     assert words in failure.message, failure.message
@@ -283,7 +276,7 @@ async def test_off_lets_everyone_in_as_anonymous() -> None:
 async def test_no_bearer_token_gets_a_plain_challenge(header: str | None) -> None:
     authenticator = TokenAuthenticator(parse_token_table(f"alice:{hash_token('s3cret')}"))
     failure = await refused(authenticator, header)
-    assert failure.headers == {"WWW-Authenticate": PLAIN_CHALLENGE}
+    assert failure.challenge == PLAIN_CHALLENGE
     assert "bearer token" in failure.message
     assert not failure.keeps_debug_copies
 
@@ -547,7 +540,7 @@ async def test_missing_and_basic_get_a_plain_challenge(build: Build) -> None:
     authenticator = build()
     for header in (None, "Basic dXNlcjpwYXNz"):
         failure = await refused(authenticator, header)
-        assert failure.headers == {"WWW-Authenticate": PLAIN_CHALLENGE}
+        assert failure.challenge == PLAIN_CHALLENGE
 
 
 # --- Firebase ID tokens ----------------------------------------------------------------------
@@ -735,7 +728,7 @@ async def test_no_keys_at_all_is_auth_unavailable(
         await authenticator.authenticate(bearer(key_a.sign(claims())))
     failure = caught.value
     assert (failure.status, failure.code) == (503, "auth_unavailable")
-    assert failure.headers == {"Retry-After": "5"}
+    assert failure.retry_after_seconds == 5
     assert not isinstance(failure, errors.Unauthorized)
     assert not failure.keeps_debug_copies
 

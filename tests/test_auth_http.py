@@ -26,11 +26,14 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from vrai_stream.auth import FIREBASE_ISSUER_PREFIX, hash_token
+from vrai_stream.auth.config import hash_token
+from vrai_stream.auth.jwt import FIREBASE_ISSUER_PREFIX
 
-from .fake_openai import FakeOpenAI
-from .jwks_server import JwksServer, SigningKey, claims_from, hand_made, hs256, jwks_server
-from .support import SENTENCE_WORDS, Server, chunked, has_words, start_server
+from .support.audio import SENTENCE_WORDS, has_words
+from .support.client import chunked
+from .support.fake_openai import FakeOpenAI
+from .support.jwks_server import JwksServer, SigningKey, claims_from, hand_made, hs256, jwks_server
+from .support.server import Server, start_server
 from .test_errors import CHUNKED, chunk_frame, raw_connection, read_response, request_head
 
 pytestmark = pytest.mark.anyio
@@ -446,6 +449,7 @@ async def test_a_slow_large_upload_gets_its_401_at_once_and_is_not_read(
     assert response.headers["www-authenticate"].startswith("Bearer ")
     assert response.headers.get("connection") == "close"
     assert answered_after < 1.0, f"the 401 took {answered_after:.2f} s"
+    assert sent_at_answer is not None
     assert sent_at_answer < 1 * MiB, f"{sent_at_answer} bytes were sent before the 401"
     assert closed
     jwt_server.wait_idle()

@@ -33,9 +33,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vrai_stream.layout import SNIFF_LIMIT_BYTES, CafChunkFilter, Mode, sniff
+from vrai_stream.media.sniff import SNIFF_LIMIT_BYTES, CafChunkFilter, Mode, sniff
 
-from .phone_media import (
+from .support.audio import decoded_seconds, ffmpeg_seconds
+from .support.client import chunked
+from .support.phone_media import (
     CAF_HEADER,
     DEBIAN_FFMPEG,
     LPCM_DESC,
@@ -48,7 +50,7 @@ from .phone_media import (
     parse_adts,
     write_caf,
 )
-from .support import Server, chunked, decoded_seconds, ffmpeg_seconds
+from .support.server import Server
 
 pytestmark = pytest.mark.anyio
 

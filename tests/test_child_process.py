@@ -13,7 +13,7 @@ import subprocess
 import anyio
 import pytest
 
-from vrai_stream.child_process import ChildProcess, kill_unreaped, spawn
+from vrai_stream.media.child_process import ChildProcess, kill_unreaped, spawn
 
 pytestmark = pytest.mark.anyio
 

@@ -20,7 +20,9 @@ import anyio
 import httpx
 import pytest
 
-from .support import SENTENCE_WORDS, Server, chunked, has_words, posting, start_server
+from .support.audio import SENTENCE_WORDS, has_words
+from .support.client import chunked, posting
+from .support.server import Server, start_server
 from .test_errors import (
     CHUNKED,
     ENDPOINT,

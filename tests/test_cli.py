@@ -11,7 +11,8 @@ from typing import Any
 import httpx
 import pytest
 
-from .support import SENTENCE_WORDS, Server, has_words, service_env
+from .support.audio import SENTENCE_WORDS, has_words
+from .support.server import Server, service_env
 from .test_errors import ENDPOINT, ERROR_KEYS
 
 

@@ -27,11 +27,12 @@ import boto3
 import httpx
 import pytest
 
-from vrai_stream.debug_store import CopyContext, Keys, safe_segment
-from vrai_stream.layout import Layout, Mode
+from vrai_stream.debug_store.base import CopyContext, Keys, safe_segment
+from vrai_stream.media.sniff import Layout, Mode
 from vrai_stream.settings import Settings
 
-from .s3_server import (
+from .support.audio import decoded_seconds
+from .support.s3_server import (
     GARBAGE,
     REGION,
     SECRET_ACCESS_KEY,
@@ -58,7 +59,7 @@ from .s3_server import (
     wait_ready,
     warnings,
 )
-from .support import Server, decoded_seconds, free_port, start_server
+from .support.server import Server, free_port, start_server
 
 pytestmark = pytest.mark.anyio
 

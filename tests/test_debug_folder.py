@@ -18,7 +18,8 @@ from typing import Any
 import anyio
 import pytest
 
-from .s3_server import (
+from .support.audio import decoded_seconds
+from .support.s3_server import (
     GARBAGE,
     disconnect_mid_upload,
     no_transcriber,
@@ -28,7 +29,7 @@ from .s3_server import (
     upload,
     wait_ready,
 )
-from .support import Server, decoded_seconds
+from .support.server import Server
 
 pytestmark = pytest.mark.anyio
 

@@ -15,7 +15,7 @@ import pytest
 
 from vrai_stream.settings import Settings
 
-from .s3_server import (
+from .support.s3_server import (
     GARBAGE,
     MotoServer,
     new_bucket,
@@ -29,7 +29,7 @@ from .s3_server import (
     upload,
     wait_for,
 )
-from .support import Server
+from .support.server import Server
 
 pytestmark = pytest.mark.anyio
 

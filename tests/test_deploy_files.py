@@ -13,7 +13,7 @@ from pathlib import Path
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from vrai_stream.app import create_app
+from vrai_stream.http.app import create_app
 from vrai_stream.memory_plan import plan_memory
 from vrai_stream.settings import MiB, Settings
 

@@ -41,9 +41,11 @@ import httpx
 import psutil
 import pytest
 
-from .fake_openai import FakeOpenAI
-from .phone_media import PhoneFile, phone_files
-from .s3_server import (
+from .support.audio import SENTENCE_WORDS, has_words
+from .support.client import chunked, form_body, posting
+from .support.fake_openai import FakeOpenAI
+from .support.phone_media import PhoneFile, phone_files
+from .support.s3_server import (
     MotoServer,
     new_bucket,
     no_transcriber,
@@ -52,16 +54,7 @@ from .s3_server import (
     wait_no_multipart,
     wait_ready,
 )
-from .support import (
-    SENTENCE_WORDS,
-    Server,
-    chunked,
-    form_body,
-    has_words,
-    posting,
-    start_server,
-    start_servers,
-)
+from .support.server import Server, start_server, start_servers
 from .test_errors import (
     CHUNKED,
     ENDPOINT,

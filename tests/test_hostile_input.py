@@ -35,7 +35,9 @@ import httpx
 import psutil
 import pytest
 
-from .phone_media import (
+from .support.audio import SENTENCE_WORDS, has_words, speak
+from .support.client import chunked
+from .support.phone_media import (
     CAF_HEADER,
     DEBIAN_FFMPEG,
     FIXTURE_NAMES,
@@ -51,7 +53,7 @@ from .phone_media import (
     full_box,
     phone_files,
 )
-from .support import SENTENCE_WORDS, Server, chunked, has_words, speak
+from .support.server import Server
 
 pytestmark = pytest.mark.anyio
 

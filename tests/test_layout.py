@@ -18,9 +18,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vrai_stream.layout import SNIFF_LIMIT_BYTES, Layout, Mode, sniff
+from vrai_stream.media.sniff import SNIFF_LIMIT_BYTES, Layout, Mode, sniff
 
-from .phone_media import (
+from .support.phone_media import (
     CAF_HEADER,
     FIXTURE_NAMES,
     LPCM_DESC,

@@ -29,8 +29,10 @@ import httpx
 import psutil
 import pytest
 
-from .fake_openai import TRANSCRIPTIONS_PATH, FakeOpenAI
-from .support import SENTENCE_WORDS, Server, chunked, has_words, run_ffmpeg, start_server
+from .support.audio import SENTENCE_WORDS, has_words, run_ffmpeg
+from .support.client import chunked
+from .support.fake_openai import TRANSCRIPTIONS_PATH, FakeOpenAI
+from .support.server import Server, start_server
 from .test_errors import assert_error_response
 
 pytestmark = pytest.mark.anyio

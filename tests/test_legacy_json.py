@@ -28,19 +28,18 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from vrai_stream import errors
-from vrai_stream.legacy_json import (
+from vrai_stream.bodies.forms import Field, FieldTooLarge
+from vrai_stream.bodies.legacy_json import (
     LEGACY_FIELDS,
     MAX_DEPTH,
     BlobData,
     BlobEnd,
     BlobStart,
-    InvalidBase64,
-    InvalidJson,
     LegacyJsonDecoder,
 )
-from vrai_stream.uploads import Field, FieldTooLarge
+from vrai_stream.errors import InvalidBase64, InvalidJson
 
-from .decoding import AudioEvents, decode_traced, feed_all, mutate, split
+from .support.body_decoding import AudioEvents, decode_traced, feed_all, mutate, split
 
 KNOWN = (*LEGACY_FIELDS, "fileBlob")
 BLOB = AudioEvents(BlobStart, BlobData, BlobEnd)

@@ -13,7 +13,8 @@ import httpx
 import psutil
 import pytest
 
-from .support import Server, chunked, posting, start_server
+from .support.client import chunked, posting
+from .support.server import Server, start_server
 
 pytestmark = pytest.mark.anyio
 

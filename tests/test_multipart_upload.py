@@ -20,18 +20,18 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from vrai_stream import errors
-from vrai_stream.multipart_upload import (
+from vrai_stream.bodies.forms import Field, FieldTooLarge
+from vrai_stream.bodies.multipart import (
     MAX_FIELDS,
     FileData,
     FileEnd,
     FileStart,
-    InvalidMultipart,
     MultipartDecoder,
     boundary_of,
 )
-from vrai_stream.uploads import Field, FieldTooLarge
+from vrai_stream.errors import InvalidMultipart
 
-from .decoding import AudioEvents, decode_traced, feed_all, mutate, split
+from .support.body_decoding import AudioEvents, decode_traced, feed_all, mutate, split
 
 SCALE = int(os.environ.get("VRAI_FUZZ_SCALE", "1"))
 """Multiplies the property tests' example counts, for longer fuzzing runs than CI's."""

@@ -18,11 +18,12 @@ from typing import Any
 import openai
 import pytest
 
-from vrai_stream.auth import hash_token
-from vrai_stream.languages import language_code, language_name
+from vrai_stream.auth.config import hash_token
+from vrai_stream.speech.languages import language_code, language_name
 
-from .fake_openai import FakeOpenAI
-from .support import SENTENCE_WORDS, Server, has_words, start_server
+from .support.audio import SENTENCE_WORDS, has_words
+from .support.fake_openai import FakeOpenAI
+from .support.server import Server, start_server
 
 pytestmark = pytest.mark.anyio
 

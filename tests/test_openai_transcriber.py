@@ -15,8 +15,10 @@ import httpx
 import openai
 import pytest
 
-from .fake_openai import CHAT_PREFIX, TRANSCRIPTIONS_PATH, FakeOpenAI
-from .support import SENTENCE_WORDS, Server, chunked, decoded_seconds, has_words
+from .support.audio import SENTENCE_WORDS, decoded_seconds, has_words
+from .support.client import chunked
+from .support.fake_openai import CHAT_PREFIX, TRANSCRIPTIONS_PATH, FakeOpenAI
+from .support.server import Server
 
 pytestmark = pytest.mark.anyio
 

@@ -25,12 +25,12 @@ from starlette.routing import Route
 
 import vrai_stream
 from vrai_stream import errors
-from vrai_stream.app import create_app
-from vrai_stream.openapi import build_openapi
+from vrai_stream.http.app import create_app
+from vrai_stream.http.openapi import build_openapi
 from vrai_stream.settings import Settings
 
-from .fake_openai import FakeOpenAI
-from .support import Server, start_server
+from .support.fake_openai import FakeOpenAI
+from .support.server import Server, start_server
 
 UPSTREAM_KEY = f"sk-openapi-{secrets.token_hex(8)}"
 AUDIO_OPERATIONS = (
@@ -126,7 +126,7 @@ def test_every_error_code_is_in_the_error_schema(document: dict[str, Any]) -> No
     assert defined - documented == set(), "defined in the package, missing from the document"
 
 
-COMMON_ERRORS = (
+COMMON_ERRORS: tuple[type[errors.ServiceError], ...] = (
     errors.InvalidParameters,
     errors.InvalidWindow,
     errors.EmptyBody,

@@ -14,14 +14,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .phone_media import (
-    DEBIAN_FFMPEG,
-    FIXTURE_NAMES,
-    SPEECH_WINDOW,
-    PhoneFile,
-    phone_files,
-)
-from .support import SENTENCE_WORDS, Server, chunked, has_words
+from .support.audio import SENTENCE_WORDS, has_words
+from .support.client import chunked
+from .support.phone_media import DEBIAN_FFMPEG, FIXTURE_NAMES, SPEECH_WINDOW, PhoneFile, phone_files
+from .support.server import Server
 
 pytestmark = pytest.mark.anyio
 

@@ -14,7 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .support import Server, chunked, ffmpeg_seconds
+from .support.audio import ffmpeg_seconds
+from .support.client import chunked
+from .support.server import Server
 
 pytestmark = pytest.mark.anyio
 

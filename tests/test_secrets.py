@@ -39,10 +39,11 @@ import anyio
 import httpx
 import pytest
 
-from .fake_openai import CHAT_PATH, FakeOpenAI
-from .jwks_server import JwksServer, SigningKey, claims_from
-from .s3_server import MotoServer, new_bucket, s3_client, s3_env, start_moto, wait_ready
-from .support import Server, form_body, start_servers
+from .support.client import form_body
+from .support.fake_openai import CHAT_PATH, FakeOpenAI
+from .support.jwks_server import JwksServer, SigningKey, claims_from
+from .support.s3_server import MotoServer, new_bucket, s3_client, s3_env, start_moto, wait_ready
+from .support.server import Server, start_servers
 
 pytestmark = pytest.mark.anyio
 

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,11 @@ import anyio
 import httpx
 import pytest
 
-from vrai_stream.settings import Settings, SettingsError
+from vrai_stream.settings import MPEG2_L3_KBPS, VARIABLE, Settings, SettingsError, Variable
 
-from .support import Server, decoded_seconds, free_port, posting
+from .support.audio import decoded_seconds
+from .support.client import posting
+from .support.server import Server, free_port
 from .test_cleanup import wait_for_spool_file
 from .test_errors import ENDPOINT, gated
 
@@ -152,6 +155,122 @@ def test_the_api_key_never_shows_in_a_repr() -> None:
     settings = Settings.from_env({"OPENAI_API_KEY": "sk-very-secret-123"})
     assert "sk-very-secret-123" not in repr(settings)
     assert "sk-very-secret-123" not in str(settings)
+
+
+def test_56_kbps_is_accepted() -> None:
+    """A valid MPEG-2 layer III rate, once missing from a list kept apart from the table."""
+    assert Settings.from_env({"VRAI_MP3_BITRATE_KBPS": "56"}).mp3_bitrate_kbps == 56
+
+
+@pytest.mark.parametrize("rate", [rate for rate in MPEG2_L3_KBPS if rate])
+def test_every_mpeg2_layer3_rate_is_accepted(rate: int) -> None:
+    assert Settings.from_env({"VRAI_MP3_BITRATE_KBPS": str(rate)}).mp3_bitrate_kbps == rate
+
+
+@pytest.mark.parametrize("value", ["0", "7", "33", "57", "192", "320", "-48"])
+def test_a_bitrate_outside_the_table_is_refused(value: str) -> None:
+    """0 is the table's `free` slot; 192 and 320 are MPEG-1 rates, which 16 kHz cannot use."""
+    rates = ", ".join(str(rate) for rate in MPEG2_L3_KBPS if rate)
+    with pytest.raises(SettingsError) as raised:
+        Settings.from_env({"VRAI_MP3_BITRATE_KBPS": value})
+    assert str(raised.value) == f"VRAI_MP3_BITRATE_KBPS must be one of {rates}; got {int(value)}"
+
+
+def test_every_field_but_auth_names_one_variable_of_its_own() -> None:
+    variables = {
+        setting.name: setting.metadata[VARIABLE]
+        for setting in fields(Settings)
+        if setting.name != "auth"
+    }
+    assert all(isinstance(variable, Variable) for variable in variables.values())
+    names = [variable.name for variable in variables.values()]
+    assert len(names) == len(set(names)) == len(fields(Settings)) - 1
+    assert variables["max_jobs"].name == "VRAI_MAX_JOBS"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"PORT": "http"}, "PORT must be a whole number, got 'http'"),
+        ({"PORT": "70000"}, "PORT must be at most 65535, got 70000"),
+        ({"VRAI_MAX_JOBS": "0"}, "VRAI_MAX_JOBS must be at least 1, got 0"),
+        ({"VRAI_MAX_WINDOW_SECONDS": "-5"}, "VRAI_MAX_WINDOW_SECONDS must be at least 1, got -5.0"),
+        (
+            {"VRAI_IDLE_TIMEOUT_SECONDS": "0"},
+            "VRAI_IDLE_TIMEOUT_SECONDS must be at least 0.1, got 0.0",
+        ),
+        (
+            {"VRAI_IDLE_TIMEOUT_SECONDS": "inf"},
+            "VRAI_IDLE_TIMEOUT_SECONDS must be a finite number, got 'inf'",
+        ),
+        ({"VRAI_DRAIN_SECONDS": "soon"}, "VRAI_DRAIN_SECONDS must be a number, got 'soon'"),
+        (
+            {"VRAI_MEMORY_LIMIT_BYTES": "1024"},
+            f"VRAI_MEMORY_LIMIT_BYTES must be at least {64 * MiB}, got 1024",
+        ),
+        (
+            {"VRAI_LOG_LEVEL": "Loud"},
+            "VRAI_LOG_LEVEL must be one of debug, info, warning, error; got 'Loud'",
+        ),
+        (
+            {"VRAI_TRANSCRIBER": "whisper-cloud"},
+            "VRAI_TRANSCRIBER must be one of auto, openai, local; got 'whisper-cloud'",
+        ),
+        (
+            {"VRAI_DEBUG_STORE": "ftp"},
+            "VRAI_DEBUG_STORE must be one of auto, s3, dir, off; got 'ftp'",
+        ),
+        (
+            {"VRAI_DEBUG_STORE": "s3"},
+            "VRAI_DEBUG_STORE=s3 needs VRAI_DEBUG_BUCKET (or BUCKET_NAME)",
+        ),
+        ({"VRAI_AUTH": "basic"}, "VRAI_AUTH must be one of off, token, firebase, jwt; got 'basic'"),
+        (
+            {"VRAI_AUTH_LEEWAY_SECONDS": "301"},
+            "VRAI_AUTH_LEEWAY_SECONDS must be at most 300, got 301.0",
+        ),
+        ({"VRAI_AUTH": "TOKEN"}, "VRAI_AUTH=token needs VRAI_AUTH_TOKENS (user:sha256:<hex>, ...)"),
+        (
+            {"VRAI_DEBUG_PART_BYTES": str(8 * MiB), "VRAI_DEBUG_BUFFER_BYTES": str(6 * MiB)},
+            f"VRAI_DEBUG_BUFFER_BYTES must be at least {8 * MiB}, got {6 * MiB}",
+        ),
+        (
+            {"VRAI_DEBUG_BUFFER_BYTES": str(4 * MiB)},
+            f"VRAI_DEBUG_BUFFER_BYTES must be at least {5 * MiB}, got {4 * MiB}",
+        ),
+    ],
+)
+def test_error_messages_are_the_documented_ones(env: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError) as raised:
+        Settings.from_env(env)
+    assert str(raised.value) == message
+
+
+def test_rules_across_fields() -> None:
+    fallback = Settings.from_env({"BUCKET_NAME": "tigris", "VRAI_DEBUG_PREFIX": "//copies/x//"})
+    assert (fallback.debug_store, fallback.debug_bucket) == ("s3", "tigris")
+    assert fallback.debug_prefix == "copies/x/"
+    own = Settings.from_env(
+        {"BUCKET_NAME": "tigris", "VRAI_DEBUG_BUCKET": "mine", "VRAI_DEBUG_STORE": "DIR"}
+    )
+    assert (own.debug_store, own.debug_bucket) == ("dir", "mine")
+    assert Settings.from_env({"VRAI_DEBUG_PREFIX": "///"}).debug_prefix == ""
+    firebase = Settings.from_env({"VRAI_AUTH": "Firebase", "VRAI_FIREBASE_PROJECT_ID": "proj-1"})
+    assert (firebase.auth.kind, firebase.auth.firebase_project_id) == ("firebase", "proj-1")
+    tuned = Settings.from_env(
+        {"VRAI_DEBUG_PART_BYTES": str(6 * MiB), "VRAI_DEBUG_BUFFER_BYTES": str(6 * MiB)}
+    )
+    assert (tuned.debug_part_bytes, tuned.debug_buffer_bytes) == (6 * MiB, 6 * MiB)
+
+
+def test_paths_and_defaults_from_factories() -> None:
+    settings = Settings.from_env(
+        {"VRAI_DEBUG_DIR": "~/copies", "VRAI_PROMPTS_DIR": " /srv/prompts "}
+    )
+    assert settings.debug_dir == Path("~/copies").expanduser()
+    assert settings.prompts_dir == Path("/srv/prompts")
+    assert Settings.from_env({}).tmp_dir == Settings().tmp_dir
+    assert Settings() == Settings.from_env({})
 
 
 # --- where a user meets them ---------------------------------------------------------------

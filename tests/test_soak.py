@@ -1,12 +1,13 @@
 """The soak's short variant: ~50 requests with faults all around, nothing unexpected, nothing left.
 
-The engine is `tests/soak_engine.py` (shared with the full run, `bench/soak.py`): a real server
-with S3 debug copies on (moto behind a proxy that is stopped twice), `VRAI_TRANSCRIBER=openai`
-against `FakeOpenAI` injecting 429s, 500s, slow answers and hangs, phone recordings of every
-format and layout, clients that reset mid-upload, truncated and corrupted files, windows past
-the end.  Every answer is judged against what its request deserved (a 502/504 only where the
-fake's record shows every attempt failed); then no child, no temp file, no incomplete multipart
-upload, no descriptor beyond the warm baseline's pools, and RSS within 20 MiB of it.
+The engine is `tests/support/soak_engine.py` (shared with the full run, `bench/soak.py`): a real
+server with S3 debug copies on (moto behind a proxy that is stopped twice),
+`VRAI_TRANSCRIBER=openai` against `FakeOpenAI` injecting 429s, 500s, slow answers and hangs,
+phone recordings of every format and layout, clients that reset mid-upload, truncated and
+corrupted files, windows past the end.  Every answer is judged against what its request deserved
+(a 502/504 only where the fake's record shows every attempt failed); then no child, no temp
+file, no incomplete multipart upload, no descriptor beyond the warm baseline's pools, and RSS
+within 20 MiB of it.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from .phone_media import PhoneFile, phone_files
-from .soak_engine import SoakConfig, run_soak
+from .support.phone_media import PhoneFile, phone_files
+from .support.soak_engine import SoakConfig, run_soak
 
 
 @pytest.fixture(scope="session")

@@ -21,8 +21,10 @@ from typing import Any
 import httpx
 import pytest
 
-from .fake_openai import CHAT_PATH, CHAT_PREFIX, FakeOpenAI, Fault
-from .support import SENTENCE_WORDS, Server, chunked, has_words, start_server
+from .support.audio import SENTENCE_WORDS, has_words
+from .support.client import chunked
+from .support.fake_openai import CHAT_PATH, CHAT_PREFIX, FakeOpenAI, Fault
+from .support.server import Server, start_server
 from .test_errors import (
     assert_error_response,
     assert_raw_error,
@@ -41,7 +43,9 @@ BOUNDARY = "vrai-summary-form"
 
 
 def bundled_prompt(kind: str) -> str:
-    return resources.files("vrai_stream").joinpath("prompts", f"{kind}.txt").read_text("utf-8")
+    return (
+        resources.files("vrai_stream.speech").joinpath("prompts", f"{kind}.txt").read_text("utf-8")
+    )
 
 
 # --- fixtures ---------------------------------------------------------------------------------

@@ -7,7 +7,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .support import SENTENCE_WORDS, Server, chunked, decoded_seconds, has_words
+from .support.audio import SENTENCE_WORDS, decoded_seconds, has_words
+from .support.client import chunked
+from .support.server import Server
 
 pytestmark = pytest.mark.anyio
 

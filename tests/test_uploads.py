@@ -21,10 +21,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vrai_stream import errors
-from vrai_stream.legacy_json import InvalidJson, LegacyJsonDecoder
-from vrai_stream.multipart_upload import MultipartDecoder
+from vrai_stream.bodies.forms import Upload, read_upload
+from vrai_stream.bodies.legacy_json import LegacyJsonDecoder
+from vrai_stream.bodies.multipart import MultipartDecoder
+from vrai_stream.errors import InvalidJson
 from vrai_stream.spool import Budget, FileSpool
-from vrai_stream.uploads import Upload, read_upload
 
 pytestmark = pytest.mark.anyio
 

@@ -22,7 +22,9 @@ import httpx
 import openai
 import pytest
 
-from .support import SENTENCE_WORDS, Server, chunked, form_body, has_words
+from .support.audio import SENTENCE_WORDS, has_words
+from .support.client import chunked, form_body
+from .support.server import Server
 from .test_errors import (
     ENDPOINT,
     assert_error_response,

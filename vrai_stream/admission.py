@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 
 import anyio
 
-from . import errors
+from vrai_stream import errors
 
 
 class Admission:
@@ -49,7 +49,7 @@ class Admission:
         await self._idle.wait()
 
     def _busy(self, message: str) -> errors.Busy:
-        return errors.Busy(message, headers={"Retry-After": str(self._retry_after)})
+        return errors.Busy(message, retry_after_seconds=self._retry_after)
 
     async def _acquire_unless_closing(self) -> bool:
         acquired = False

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import anyio
 
-from .settings import Settings, SettingsError
-from .telemetry import configure_logging
-from .transcode import FfmpegNotFound
+from vrai_stream.media.ffmpeg import FfmpegNotFound
+from vrai_stream.settings import Settings, SettingsError
+from vrai_stream.telemetry import configure_logging
 
 READ_CHUNK_BYTES = 64 * 1024
 
@@ -61,8 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(settings: Settings, *, host: str | None, port: int | None) -> int:
-    from .app import create_app
-    from .server import serve
+    from vrai_stream.http.app import create_app
+    from vrai_stream.http.server import serve
 
     serve(create_app(settings), settings, host=host or settings.host, port=port)
     return 0
@@ -71,12 +71,12 @@ def _serve(settings: Settings, *, host: str | None, port: int | None) -> int:
 async def _transcribe(
     settings: Settings, file: Path, from_time: float, to_time: float | None
 ) -> int:
-    from . import errors
-    from .app import Services
-    from .ingest import parse_window
-    from .pipeline import JobResult, JobSpec
-    from .responses import success_body
-    from .transcode import find_ffmpeg
+    from vrai_stream import errors
+    from vrai_stream.http.responses import success_body
+    from vrai_stream.media.ffmpeg import find_ffmpeg
+    from vrai_stream.media.window import parse_window
+    from vrai_stream.pipeline import JobResult, JobSpec
+    from vrai_stream.services import Services
 
     request_id = uuid.uuid4().hex
     # A file on this machine needs no debug copy of itself.
@@ -111,7 +111,7 @@ async def _setup_bucket(settings: Settings, expire_days: int) -> int:
     if expire_days < 1:
         print("vrai-stream: --expire-days must be at least 1", file=sys.stderr)
         return 2
-    from .debug_store.s3 import apply_lifecycle
+    from vrai_stream.debug_store.s3 import apply_lifecycle
 
     rules = await apply_lifecycle(settings, expire_days)
     print(json.dumps(rules, indent=2, default=str))

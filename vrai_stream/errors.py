@@ -1,4 +1,8 @@
-"""Every failure a client can see: an HTTP status and a stable, machine-readable code."""
+"""Every failure a client can see: an HTTP status and a stable, machine-readable code.
+
+Errors carry data (a retry delay, an authentication challenge); `http.responses` turns it
+into headers.
+"""
 
 from __future__ import annotations
 
@@ -17,10 +21,11 @@ class ServiceError(Exception):
     keeps_debug_copies: bool = True
     """False where the upload was refused or cut short: there is nothing whole to keep."""
 
-    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, message: str, *, retry_after_seconds: int | None = None) -> None:
         super().__init__(message)
         self.message = message
-        self.headers = headers or {}
+        self.retry_after_seconds = retry_after_seconds
+        """When the same request may succeed later: how many seconds to wait first."""
         self.debug_files: dict[str, str] | None = None
 
     def body(self, request_id: str) -> dict[str, Any]:
@@ -98,6 +103,11 @@ class InvalidMultipart(RefusedUpload):
 
 class Unauthorized(RefusedUpload):
     status, code = 401, "unauthorized"
+
+    def __init__(self, message: str, *, challenge: str) -> None:
+        super().__init__(message)
+        self.challenge = challenge
+        """How to authenticate, and what was wrong: RFC 6750's `Bearer realm="...", error=...`."""
 
 
 class AuthUnavailable(RefusedUpload):

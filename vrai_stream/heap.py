@@ -17,7 +17,7 @@ from collections.abc import Callable
 import anyio
 import anyio.to_thread
 
-from .admission import Admission
+from vrai_stream.admission import Admission
 
 IDLE_SECONDS = 2.0
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .settings import MiB, Settings
+from vrai_stream.settings import MiB, Settings
 
 CGROUP_MEMORY_MAX = Path("/sys/fs/cgroup/memory.max")
 MEMINFO = Path("/proc/meminfo")

@@ -16,22 +16,18 @@ from typing import Any
 
 import anyio
 
-from . import errors, metrics
-from .auth import ANONYMOUS
-from .debug_store import CopyContext, DebugCopies, DebugStore
-from .ingest import BodyMeter, limited
-from .layout import SNIFF_LIMIT_BYTES, Layout, Mode, pipe_filter, sniff
-from .settings import Settings
-from .spool import Budget, FileSpool, Spool
-from .transcode import (
-    FfmpegJob,
-    Window,
-    build_command,
-    explain_failure,
-    mp3_duration,
-    run_ffmpeg,
-)
-from .transcribers import Audio, TranscribeOptions, Transcriber, Transcript
+from vrai_stream import errors, metrics
+from vrai_stream.bodies.limits import BodyMeter, limited
+from vrai_stream.debug_store.base import CopyContext, DebugCopies, DebugStore
+from vrai_stream.media.failures import explain_failure
+from vrai_stream.media.ffmpeg import build_command
+from vrai_stream.media.ffmpeg_job import FfmpegJob, run_ffmpeg
+from vrai_stream.media.mp3 import mp3_duration
+from vrai_stream.media.sniff import SNIFF_LIMIT_BYTES, Layout, Mode, pipe_filter, sniff
+from vrai_stream.media.window import Window
+from vrai_stream.settings import ANONYMOUS, Settings
+from vrai_stream.speech.transcribers.base import Audio, TranscribeOptions, Transcriber, Transcript
+from vrai_stream.spool import Budget, FileSpool, Spool
 
 TranscriberSource = Callable[[], Awaitable[Transcriber]]
 

@@ -17,8 +17,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, cast
 
-from . import metrics
-from .errors import DiskFull
+from vrai_stream import metrics
+from vrai_stream.errors import DiskFull
 
 TEMP_PREFIX = "vrai-"
 """Every temp file the service creates starts with this, so leftovers are recognizable."""

@@ -9,7 +9,7 @@ from typing import Generic, TypeVar
 import anyio
 import anyio.to_thread
 
-from . import errors
+from vrai_stream import errors
 
 T = TypeVar("T")
 

@@ -22,9 +22,8 @@ from typing import Any, BinaryIO
 import anyio
 from anyio.abc import TaskGroup
 
-from ..layout import Layout
-from ..settings import MiB, Settings
-from . import CopyContext, DebugCopies, Keys
+from vrai_stream.debug_store.base import CopyContext, DebugCopies, InputFormat, Keys
+from vrai_stream.settings import MiB, Settings
 
 logger = logging.getLogger("vrai_stream.debug_store")
 
@@ -197,7 +196,7 @@ class FolderCopies:
         self._written: list[Path] = []
         self._broken = False
 
-    def start_input(self, layout: Layout) -> None:
+    def start_input(self, layout: InputFormat) -> None:
         self._keys = Keys.for_job("", self._context, layout)
         path = self._path(self._keys.input)
         try:

@@ -20,11 +20,10 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
-from .. import metrics
-from ..layout import Layout
-from ..settings import Settings
-from ..spool import Budget, FileSpool
-from . import CopyContext, DebugCopies, Keys, metadata
+from vrai_stream import metrics
+from vrai_stream.debug_store.base import CopyContext, DebugCopies, InputFormat, Keys, metadata
+from vrai_stream.settings import Settings
+from vrai_stream.spool import Budget, FileSpool
 
 logger = logging.getLogger("vrai_stream.debug_store")
 
@@ -307,14 +306,14 @@ class S3Copies:
         self._store = store
         self._context = context
         self._sampled = sampled
-        self._layout: Layout | None = None
+        self._layout: InputFormat | None = None
         self._keys = Keys.for_job(store.prefix, context, None)
         self._input: StreamingUpload | None = None
         self._held_input: FileSpool | None = None
         self._output: StreamingUpload | None = None
         self._held_output: bytes | None = None
 
-    def start_input(self, layout: Layout) -> None:
+    def start_input(self, layout: InputFormat) -> None:
         self._layout = layout
         self._keys = Keys.for_job(self._store.prefix, self._context, layout)
         if self._sampled:

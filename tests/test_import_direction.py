@@ -1,0 +1,88 @@
+"""The import-direction check (.ci/check_imports.py) catches what it exists to catch."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load() -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        "check_imports", ROOT / ".ci" / "check_imports.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["check_imports"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+check_imports = _load()
+
+
+def _package(tmp_path: Path, files: dict[str, str]) -> Path:
+    root = tmp_path / "vrai_stream"
+    for name, text in {"__init__.py": "", **files}.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return root
+
+
+def test_the_package_itself_passes() -> None:
+    assert check_imports.check(ROOT / "vrai_stream") == []
+
+
+def test_a_leaf_importing_http_is_refused(tmp_path: Path) -> None:
+    root = _package(
+        tmp_path,
+        {
+            "http/__init__.py": "",
+            "http/responses.py": "",
+            "media/__init__.py": "",
+            "media/sniff.py": "from vrai_stream.http import responses\n",
+        },
+    )
+    (problem,) = check_imports.check(root)
+    assert "vrai_stream.media.sniff (media) must not import vrai_stream.http.responses" in problem
+
+
+def test_one_leaf_importing_another_is_refused(tmp_path: Path) -> None:
+    root = _package(
+        tmp_path,
+        {
+            "media/__init__.py": "",
+            "media/spool.py": "",
+            "debug_store/__init__.py": "",
+            "debug_store/s3.py": "def f():\n    from ..media import spool\n",
+        },
+    )
+    (problem,) = check_imports.check(root)
+    assert "debug_store.s3 (debug_store) must not import vrai_stream.media.spool" in problem
+
+
+def test_a_type_only_cycle_inside_a_package_is_found(tmp_path: Path) -> None:
+    root = _package(
+        tmp_path,
+        {
+            "speech/__init__.py": "from vrai_stream.speech import whisper\n",
+            "speech/whisper.py": (
+                "from typing import TYPE_CHECKING\n"
+                "if TYPE_CHECKING:\n    from vrai_stream.speech import Transcript\n"
+            ),
+        },
+    )
+    problems = check_imports.check(root)
+    assert problems == [
+        "import cycle: vrai_stream.speech -> vrai_stream.speech.whisper -> vrai_stream.speech"
+    ]
+
+
+def test_base_importing_a_job_part_is_refused(tmp_path: Path) -> None:
+    root = _package(tmp_path, {"settings.py": "import vrai_stream.pipeline\n", "pipeline.py": ""})
+    (problem,) = check_imports.check(root)
+    assert "vrai_stream.settings (settings) must not import vrai_stream.pipeline" in problem

@@ -1,0 +1,1 @@
+"""Request bodies: raw audio, multipart forms and legacy JSON, decoded as they arrive."""

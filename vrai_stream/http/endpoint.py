@@ -1,0 +1,205 @@
+"""The steps every audio endpoint shares, and the one wrapper that ends each request.
+
+Authentication and admission come before one byte of the body is read; then the
+pipeline; then the optional summary.  `endpoint` wraps a handler: the handler returns its
+`Response`, a `ServiceError` it raises becomes the JSON error, and every request is logged
+and counted once, whatever happened.
+"""
+
+from __future__ import annotations
+
+import functools
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
+from contextlib import asynccontextmanager
+from typing import Any, Literal
+
+import anyio
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+
+from vrai_stream import errors, metrics
+from vrai_stream.bodies.forms import BodyDecoder, Upload, read_upload
+from vrai_stream.bodies.limits import BodyMeter, limited
+from vrai_stream.http.responses import error_response
+from vrai_stream.pipeline import JobResult, JobSpec
+from vrai_stream.services import Services
+from vrai_stream.settings import ANONYMOUS, MiB
+from vrai_stream.speech.summarize import SummarizationType
+from vrai_stream.telemetry import log_request
+
+ErrorStyle = Literal["service", "openai"]
+Handler = Callable[["Job"], Awaitable[Response]]
+
+
+def endpoint(
+    name: str, *, error_style: ErrorStyle = "service"
+) -> Callable[[Handler], Callable[[Request], Awaitable[Response]]]:
+    """Make `handler(job)` a Starlette endpoint that renders errors, logs and counts."""
+
+    def wrap(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+        @functools.wraps(handler)
+        async def run(request: Request) -> Response:
+            job = Job(request, name)
+            try:
+                response = await handler(job)
+            except errors.ServiceError as exc:
+                job.failure = exc
+                response = error_response(exc, job.request_id, openai=error_style == "openai")
+                if not job.body_started:
+                    # Refused before reading: close, or the client would upload it all for nothing.
+                    response.headers["Connection"] = "close"
+                job.record(code=exc.code, status=exc.status)
+                return response
+            except BaseException as exc:
+                cancelled = isinstance(exc, anyio.get_cancelled_exc_class())
+                job.record(code="cancelled" if cancelled else "bug", status=500)
+                raise
+            job.record(code="ok", status=response.status_code)
+            return response
+
+        return run
+
+    return wrap
+
+
+class Job:
+    """One request to an audio endpoint: who asks, its body, its result, its log line."""
+
+    def __init__(self, request: Request, endpoint: str):
+        self.request = request
+        self.endpoint = endpoint
+        self.services: Services = request.app.state.services
+        self.request_id = uuid.uuid4().hex
+        self.user_id = ANONYMOUS
+        self.started = anyio.current_time()
+        self.result: JobResult | None = None
+        self.failure: errors.ServiceError | None = None
+        self.summary_fields: dict[str, str] = {}
+        self.body_started = False
+
+    async def authenticate(self) -> None:
+        """Who is asking, from the Authorization header; a 401 never reads the body."""
+        principal = await self.services.auth.authenticate(self.request.headers.get("authorization"))
+        self.user_id = principal.user_id
+
+    @property
+    def encoded_body_limit(self) -> int:
+        """A body carrying the audio as base64 or in a form: 4/3 of it, plus room for fields."""
+        return self.services.settings.max_body_bytes * 4 // 3 + MiB
+
+    def check_body_length(self, *, encoded: bool = False) -> None:
+        limit = self.encoded_body_limit if encoded else self.services.settings.max_body_bytes
+        check_declared_length(self.request.headers, limit)
+
+    @asynccontextmanager
+    async def admitted(self) -> AsyncIterator[None]:
+        async with self.services.admission.slot():
+            yield
+
+    def body(self) -> AsyncIterator[bytes]:
+        self.body_started = True
+        return request_body(self.request)
+
+    async def read_upload(self, decoder: BodyDecoder, required: Collection[str]) -> Upload:
+        """Read a form or JSON body until the fields in `required` are known (see `uploads`)."""
+        settings = self.services.settings
+        raw = limited(
+            self.body(),
+            max_bytes=self.encoded_body_limit,
+            idle_timeout=settings.idle_timeout_seconds,
+            meter=BodyMeter(),
+        )
+        return await read_upload(
+            raw,
+            decoder,
+            required=required,
+            make_spool=lambda: self.services.pipeline.new_file_spool(".upload"),
+        )
+
+    def new_result(self, spec: JobSpec) -> JobResult:
+        self.result = JobResult(spec=spec)
+        return self.result
+
+    async def run(self, spec: JobSpec, audio: AsyncIterator[bytes]) -> JobResult:
+        result = self.new_result(spec)
+        await self.services.pipeline.run(spec, audio, result)
+        return result
+
+    async def summarize(self, kind: SummarizationType, transcript: str) -> dict[str, str]:
+        """`summary`, or `summaryError` when it failed: a summary never fails the request."""
+        if kind is SummarizationType.NONE:
+            return {}
+        try:
+            self.summary_fields = {"summary": await self.services.summarizer.run(kind, transcript)}
+        except errors.SummaryFailed as exc:
+            self.summary_fields = {"summaryError": exc.message}
+        return self.summary_fields
+
+    def record(self, *, code: str, status: int) -> None:
+        fields: dict[str, Any] = {
+            "requestId": self.request_id,
+            "endpoint": self.endpoint,
+            "method": self.request.method,
+            "path": self.request.url.path,
+            "userId": self.user_id,
+            "status": status,
+            "code": code,
+            "seconds": round(anyio.current_time() - self.started, 3),
+        }
+        if "summaryError" in self.summary_fields:
+            fields["summaryError"] = self.summary_fields["summaryError"]
+        result = self.result
+        if result is not None:
+            fields["fromTime"] = result.spec.window.start
+            fields["toTime"] = result.spec.window.end
+            fields.update(result.log_fields())
+            fields["audioSeconds"] = result.duration
+            _count_job(result, self.user_id)
+        metrics.REQUESTS.labels(endpoint=self.endpoint, code=code).inc()
+        log_request(fields)
+
+
+def _count_job(result: JobResult, user_id: str) -> None:
+    timings = result.timings
+    for stage, seconds in (
+        ("receive", timings.receive),
+        ("transcode", timings.transcode),
+        ("transcribe", timings.transcribe),
+        ("total", timings.total),
+        ("after_last_byte", timings.after_last_byte),
+    ):
+        if seconds > 0:
+            metrics.STAGE_SECONDS.labels(stage=stage).observe(seconds)
+    metrics.BYTES.labels(direction="in").inc(result.input_size)
+    metrics.BYTES.labels(direction="out").inc(result.mp3_size)
+    if result.layout is not None:
+        metrics.LAYOUTS.labels(format=result.layout.container, mode=result.layout.mode.value).inc()
+    if result.duration > 0:
+        metrics.AUDIO_SECONDS.labels(user=user_id).inc(result.duration)
+
+
+def check_declared_length(headers: Mapping[str, str], max_body_bytes: int) -> None:
+    """Refuse a body too large by its Content-Length before reading a byte of it."""
+    declared = headers.get("content-length")
+    if declared is None:
+        return
+    try:
+        length = int(declared)
+    except ValueError:
+        raise errors.InvalidParameters("Content-Length is not a number") from None
+    if length > max_body_bytes:
+        raise errors.BodyTooLarge(
+            f"The upload is {length} bytes; at most {max_body_bytes} bytes are accepted"
+        )
+    if length == 0:
+        raise errors.EmptyBody("The request has no body; send the audio as the request body")
+
+
+async def request_body(request: Request) -> AsyncIterator[bytes]:
+    """The body's chunks as they arrive; a vanished client becomes a `ClientDisconnected`."""
+    try:
+        async for chunk in request.stream():
+            yield chunk
+    except ClientDisconnect:
+        raise errors.ClientDisconnected("The client disconnected during the upload") from None

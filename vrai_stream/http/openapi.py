@@ -1,0 +1,288 @@
+"""The OpenAPI 3.1 description served at `/openapi.json`.
+
+Written out by hand rather than inferred from handlers: the handlers stream their bodies,
+so nothing could infer it, and the contract is worth reading in one place.  Error codes
+come from `errors.ALL_ERRORS`, so a new error cannot be left out.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vrai_stream import errors
+from vrai_stream.speech.formats import RESPONSE_FORMATS
+from vrai_stream.speech.summarize import SummarizationType
+
+_AUDIO_TYPES = (
+    "audio/x-caf",
+    "audio/mp4",
+    "audio/3gpp",
+    "audio/webm",
+    "audio/ogg",
+    "audio/wav",
+    "audio/mpeg",
+    "audio/flac",
+    "audio/aac",
+    "application/octet-stream",
+)
+
+
+def _error_responses(*codes: type[errors.ServiceError]) -> dict[str, Any]:
+    """One response per HTTP status, listing the stable codes it may carry."""
+    by_status: dict[int, list[str]] = {}
+    for error in codes:
+        by_status.setdefault(error.status, []).append(error.code)
+    return {
+        str(status): {
+            "description": "Error: " + ", ".join(f"`{code}`" for code in sorted(names)),
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+        }
+        for status, names in sorted(by_status.items())
+        if status != errors.ClientDisconnected.status
+    }
+
+
+_BODY_ERRORS = (
+    errors.InvalidParameters,
+    errors.InvalidWindow,
+    errors.EmptyBody,
+    errors.Unauthorized,
+    errors.AuthUnavailable,
+    errors.UploadTimeout,
+    errors.BodyTooLarge,
+    errors.UndecodableAudio,
+    errors.UnsupportedFormat,
+    errors.NoAudioInWindow,
+    errors.TranscodeTimeout,
+    errors.TranscriptionFailed,
+    errors.Busy,
+    errors.TranscriberUnavailable,
+    errors.SummaryUnavailable,
+    errors.TranscriptionTimeout,
+    errors.DiskFull,
+    errors.InternalError,
+)
+
+_RAW_ERRORS = (*_BODY_ERRORS, errors.BodyNotAudio)
+_JSON_ERRORS = (*_BODY_ERRORS, errors.InvalidJson, errors.InvalidBase64, errors.FieldTooLarge)
+_FORM_ERRORS = (
+    *_BODY_ERRORS,
+    errors.InvalidMultipart,
+    errors.MissingAudioPart,
+    errors.FieldTooLarge,
+)
+
+_SECONDS = {"type": "number", "minimum": 0}
+
+
+def _window_parameters() -> list[dict[str, Any]]:
+    return [
+        {
+            "name": "fromTime",
+            "in": "query",
+            "description": "Start of the window, seconds.",
+            "schema": {**_SECONDS, "default": 0},
+        },
+        {
+            "name": "toTime",
+            "in": "query",
+            "description": "End of the window, seconds; default fromTime + the longest window.",
+            "schema": _SECONDS,
+        },
+        {
+            "name": "summarizationType",
+            "in": "query",
+            "schema": {"enum": [kind.value for kind in SummarizationType], "default": "none"},
+        },
+    ]
+
+
+def _legacy_fields() -> dict[str, Any]:
+    return {
+        "fromTime": {"type": ["number", "string"]},
+        "toTime": {"type": ["number", "string"]},
+        "summarizationType": {"enum": [kind.value for kind in SummarizationType]},
+    }
+
+
+def _body_operation(
+    summary: str,
+    media_type: str,
+    schema: dict[str, Any],
+    answers: dict[str, Any],
+    failures: tuple[type[errors.ServiceError], ...],
+) -> dict[str, Any]:
+    """A POST whose body carries the recording and its fields."""
+    return {
+        "post": {
+            "summary": summary,
+            "requestBody": {"required": True, "content": {media_type: {"schema": schema}}},
+            "responses": {
+                "200": {"description": "The transcript", "content": answers},
+                **_error_responses(*failures),
+            },
+        }
+    }
+
+
+def build_openapi() -> dict[str, Any]:
+    success_ref = {"$ref": "#/components/schemas/Transcription"}
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "vrai-stream",
+            "version": "1",
+            "description": "Streams voice-note uploads through ffmpeg into a transcript.",
+        },
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {
+                "Error": {
+                    "type": "object",
+                    "required": ["success", "status", "code", "message", "requestId"],
+                    "properties": {
+                        "success": {"const": False},
+                        "status": {"type": "integer"},
+                        "code": {"enum": [error.code for error in errors.ALL_ERRORS]},
+                        "message": {"type": "string"},
+                        "requestId": {"type": "string"},
+                        "debugFiles": {
+                            "type": "object",
+                            "additionalProperties": {"type": "string", "format": "uri"},
+                        },
+                    },
+                },
+                "Transcription": {
+                    "type": "object",
+                    "required": [
+                        "success",
+                        "requestId",
+                        "transcription",
+                        "duration",
+                        "fromTime",
+                        "toTime",
+                        "fileSize",
+                        "inputSize",
+                    ],
+                    "properties": {
+                        "success": {"const": True},
+                        "requestId": {"type": "string"},
+                        "transcription": {"type": "string"},
+                        "language": {"type": ["string", "null"]},
+                        "duration": {"type": "number"},
+                        "fromTime": {"type": "number"},
+                        "toTime": {"type": "number"},
+                        "fileSize": {"type": "integer"},
+                        "inputSize": {"type": "integer"},
+                        "format": {"type": ["string", "null"]},
+                        "mode": {"enum": ["stream", "seekable", None]},
+                        "timings": {
+                            "type": "object",
+                            "additionalProperties": {"type": "number"},
+                        },
+                        "summary": {"type": "string"},
+                        "summaryError": {"type": "string"},
+                    },
+                },
+            },
+        },
+        "security": [{"bearer": []}, {}],
+        "paths": {
+            "/health": {
+                "get": {
+                    "summary": "Liveness: 200 as soon as the process listens.",
+                    "security": [],
+                    "responses": {"200": {"description": "Alive"}},
+                }
+            },
+            "/openapi.json": {
+                "get": {
+                    "summary": "This description.",
+                    "security": [],
+                    "responses": {"200": {"description": "OpenAPI 3.1 JSON"}},
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics.",
+                    "security": [],
+                    "responses": {"200": {"description": "Prometheus text format"}},
+                }
+            },
+            "/v1/transcriptions": {
+                "post": {
+                    "summary": "Transcribe a window of the recording sent as the raw body.",
+                    "parameters": _window_parameters(),
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            media: {"schema": {"type": "string", "format": "binary"}}
+                            for media in _AUDIO_TYPES
+                        },
+                    },
+                    "responses": {
+                        "200": {
+                            "description": "The transcript, or with `Accept: audio/mpeg` the MP3.",
+                            "content": {
+                                "application/json": {"schema": success_ref},
+                                "audio/mpeg": {"schema": {"type": "string", "format": "binary"}},
+                            },
+                        },
+                        **_error_responses(*_RAW_ERRORS),
+                    },
+                }
+            },
+            "/trim-and-transcribe": _body_operation(
+                "Legacy: JSON body with the recording as base64 in `fileBlob`.",
+                "application/json",
+                {
+                    "type": "object",
+                    "required": ["fileBlob", "fromTime", "toTime"],
+                    "properties": {
+                        "fileBlob": {"type": "string", "contentEncoding": "base64"},
+                        **_legacy_fields(),
+                    },
+                },
+                {"application/json": {"schema": success_ref}},
+                _JSON_ERRORS,
+            ),
+            "/trim-and-transcribe-multipart": _body_operation(
+                "Legacy: multipart body with the recording in the `audio` field.",
+                "multipart/form-data",
+                {
+                    "type": "object",
+                    "required": ["audio", "fromTime", "toTime"],
+                    "properties": {
+                        "audio": {"type": "string", "format": "binary"},
+                        **_legacy_fields(),
+                    },
+                },
+                {"application/json": {"schema": success_ref}},
+                _FORM_ERRORS,
+            ),
+            "/v1/audio/transcriptions": _body_operation(
+                "OpenAI-compatible transcription (point an OpenAI SDK here).",
+                "multipart/form-data",
+                {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary"},
+                        "model": {"type": "string"},
+                        "language": {"type": "string"},
+                        "prompt": {"type": "string"},
+                        "response_format": {"enum": list(RESPONSE_FORMATS)},
+                        "temperature": {"type": "number", "minimum": 0, "maximum": 1},
+                        "fromTime": _SECONDS,
+                        "toTime": _SECONDS,
+                    },
+                },
+                {
+                    "application/json": {"schema": {"type": "object"}},
+                    "text/plain": {"schema": {"type": "string"}},
+                    "text/vtt": {"schema": {"type": "string"}},
+                },
+                _FORM_ERRORS,
+            ),
+        },
+    }

@@ -1,0 +1,76 @@
+"""The bodies of the public contract: one success shape, one error shape, the transcript formats.
+
+Leaves say what they mean (an error's retry delay, its challenge); the headers are made here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+
+from vrai_stream import errors
+from vrai_stream.pipeline import JobResult
+from vrai_stream.speech.formats import ResponseFormat, format_transcript
+from vrai_stream.speech.transcribers.base import Transcript
+
+
+def success_body(result: JobResult) -> dict[str, Any]:
+    spec = result.spec
+    transcript = result.transcript
+    return {
+        "success": True,
+        "requestId": spec.request_id,
+        "transcription": transcript.text if transcript else "",
+        "language": transcript.language if transcript else None,
+        "duration": result.duration,
+        "fromTime": spec.window.start,
+        "toTime": spec.window.end,
+        "fileSize": result.mp3_size,
+        "inputSize": result.input_size,
+        "format": result.layout.container if result.layout else None,
+        "mode": result.layout.mode.value if result.layout else None,
+        "timings": result.timings.as_dict(),
+    }
+
+
+def mp3_response(result: JobResult) -> Response:
+    """The trimmed MP3 itself, for `Accept: audio/mpeg`."""
+    headers = {
+        "X-Request-Id": result.spec.request_id,
+        "X-Audio-Duration": f"{result.duration:.3f}",
+    }
+    return Response(result.mp3, media_type="audio/mpeg", headers=headers)
+
+
+def error_response(
+    exc: errors.ServiceError, request_id: str, *, openai: bool = False
+) -> JSONResponse:
+    """The error shape; `openai` adds OpenAI's `error` object, which OpenAI SDKs read."""
+    headers = {"X-Request-Id": request_id, **_error_headers(exc)}
+    body = exc.body(request_id)
+    if openai:
+        kind = "invalid_request_error" if exc.status < 500 else "server_error"
+        body["error"] = {"message": exc.message, "type": kind, "code": exc.code, "param": None}
+    return JSONResponse(body, status_code=exc.status, headers=headers)
+
+
+def _error_headers(exc: errors.ServiceError) -> dict[str, str]:
+    """What the error says, as headers: when to retry, how to authenticate."""
+    headers = {}
+    if exc.retry_after_seconds is not None:
+        headers["Retry-After"] = str(exc.retry_after_seconds)
+    if isinstance(exc, errors.Unauthorized):
+        headers["WWW-Authenticate"] = exc.challenge
+    return headers
+
+
+def transcript_response(
+    transcript: Transcript, response_format: ResponseFormat, duration: float
+) -> Response:
+    """The transcript as OpenAI's transcription API answers it (`speech.formats`)."""
+    content = format_transcript(transcript, response_format, duration)
+    if isinstance(content, dict):
+        return JSONResponse(content)
+    media_type = "text/vtt" if response_format == "vtt" else "text/plain"
+    return PlainTextResponse(content, media_type=media_type)

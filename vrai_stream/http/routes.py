@@ -1,0 +1,196 @@
+"""The audio endpoints: each reads its own request shape and shares `Job` for the rest."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from starlette.responses import JSONResponse, Response
+
+from vrai_stream import errors
+from vrai_stream.bodies.forms import BodyDecoder, Upload
+from vrai_stream.bodies.legacy_json import BLOB_FIELD, LegacyJsonDecoder
+from vrai_stream.bodies.multipart import LEGACY_FILE_FIELD, OPENAI_FILE_FIELD, MultipartDecoder
+from vrai_stream.http.endpoint import Job, endpoint
+from vrai_stream.http.request_shape import (
+    RAW_ENDPOINT,
+    check_no_body_fields_in_query,
+    check_query,
+    check_raw_content_type,
+    refuse_forms_and_json,
+)
+from vrai_stream.http.responses import mp3_response, success_body, transcript_response
+from vrai_stream.media.window import parse_window
+from vrai_stream.pipeline import JobResult, JobSpec
+from vrai_stream.speech.formats import RESPONSE_FORMATS, ResponseFormat
+from vrai_stream.speech.summarize import SummarizationType
+from vrai_stream.speech.transcribers.base import TranscribeOptions, Transcript
+
+RAW_QUERY = ("fromTime", "toTime", "summarizationType")
+
+
+@endpoint("transcriptions")
+async def transcriptions(job: Job) -> Response:
+    """`POST /v1/transcriptions`: raw audio in the body, the window in the query."""
+    request = job.request
+    await job.authenticate()
+    settings = job.services.settings
+    query = request.query_params
+    # A parameter this endpoint does not read would be silently ignored: say so instead.
+    check_query(query.keys(), RAW_QUERY, endpoint=f"POST {RAW_ENDPOINT}")
+    check_raw_content_type(request.headers.get("content-type"))
+    window = parse_window(query, max_window_seconds=settings.max_window_seconds)
+    want_mp3 = "audio/mpeg" in request.headers.get("accept", "")
+    summary = SummarizationType.parse(query.get("summarizationType"))
+    if not want_mp3:
+        job.services.summarizer.check(summary)
+    job.check_body_length()
+    spec = JobSpec(request_id=job.request_id, window=window, user_id=job.user_id, want_mp3=want_mp3)
+    async with job.admitted():
+        result = await job.run(spec, refuse_forms_and_json(job.body()))
+    if result.mp3 is not None:
+        return mp3_response(result)
+    return await _transcript_response(job, result, summary)
+
+
+LEGACY_TIMES = ("fromTime", "toTime")
+LEGACY_FIELDS = (*LEGACY_TIMES, "summarizationType")
+
+
+@endpoint("legacy-json")
+async def trim_and_transcribe(job: Job) -> Response:
+    """`POST /trim-and-transcribe`: the old app's JSON, the recording base64 in `fileBlob`."""
+    return await _legacy(job, LegacyJsonDecoder, (BLOB_FIELD, *LEGACY_FIELDS), "JSON body")
+
+
+@endpoint("legacy-multipart")
+async def trim_and_transcribe_multipart(job: Job) -> Response:
+    """`POST /trim-and-transcribe-multipart`: the old app's form, the recording in `audio`."""
+
+    def decoder() -> BodyDecoder:
+        return MultipartDecoder(
+            job.request.headers.get("content-type"),
+            file_field=LEGACY_FILE_FIELD,
+            fields=LEGACY_FIELDS,
+        )
+
+    return await _legacy(job, decoder, (LEGACY_FILE_FIELD, *LEGACY_FIELDS), "form")
+
+
+async def _legacy(
+    job: Job,
+    make_decoder: Callable[[], BodyDecoder],
+    body_fields: tuple[str, ...],
+    body: str,
+) -> Response:
+    request = job.request
+    await job.authenticate()
+    settings = job.services.settings
+    check_no_body_fields_in_query(
+        request.query_params.keys(),
+        body_fields,
+        endpoint=f"POST {request.url.path}",
+        body=body,
+    )
+    job.check_body_length(encoded=True)
+    decoder = make_decoder()  # a malformed Content-Type is a 400 before the body is read
+    async with job.admitted(), await job.read_upload(decoder, LEGACY_TIMES) as upload:
+        # As the old service checked it: 0 <= fromTime < toTime <= 300.
+        window = parse_window(
+            _text_fields(upload),
+            max_window_seconds=settings.max_window_seconds,
+            max_end=settings.max_window_seconds,
+        )
+        # Refuse an unknown or unavailable summary before transcribing, when it came first.
+        summary = _requested_summary(job, upload)
+        spec = JobSpec(request_id=job.request_id, window=window, user_id=job.user_id)
+        result = await job.run(spec, upload.audio)
+        if summary is None:  # sent after the recording, or not at all: known only now
+            summary = _requested_summary(job, upload) or SummarizationType.NONE
+    return await _transcript_response(job, result, summary)
+
+
+def _requested_summary(job: Job, upload: Upload) -> SummarizationType | None:
+    """The form's `summarizationType`, checked; None while the field has not arrived."""
+    raw = upload.fields.get("summarizationType")
+    if raw is None:
+        return None
+    summary = SummarizationType.parse(raw)
+    job.services.summarizer.check(summary)
+    return summary
+
+
+OPENAI_FIELDS = ("model", "language", "prompt", "response_format", "temperature", *LEGACY_TIMES)
+
+
+@endpoint("openai", error_style="openai")
+async def openai_transcriptions(job: Job) -> Response:
+    """`POST /v1/audio/transcriptions`: OpenAI's API, so any OpenAI SDK can point here."""
+    request = job.request
+    await job.authenticate()
+    settings = job.services.settings
+    check_no_body_fields_in_query(
+        request.query_params.keys(),
+        (OPENAI_FILE_FIELD, *OPENAI_FIELDS),
+        endpoint=f"POST {request.url.path}",
+        body="form",
+    )
+    job.check_body_length(encoded=True)
+    decoder = MultipartDecoder(
+        request.headers.get("content-type"), file_field=OPENAI_FILE_FIELD, fields=OPENAI_FIELDS
+    )
+    # OpenAI SDKs send the form fields before the file, so the audio streams; a client
+    # that sends the file first has it spooled until `model` (always sent) arrives.
+    async with job.admitted(), await job.read_upload(decoder, ("model",)) as upload:
+        fields = _text_fields(upload)
+        response_format = _response_format(fields.get("response_format"))
+        window = parse_window(fields, max_window_seconds=settings.max_window_seconds)
+        spec = JobSpec(
+            request_id=job.request_id,
+            window=window,
+            user_id=job.user_id,
+            options=TranscribeOptions(
+                language=fields.get("language") or None,
+                prompt=fields.get("prompt") or None,
+                temperature=_temperature(fields.get("temperature")),
+            ),
+        )
+        result = await job.run(spec, upload.audio)
+    transcript = result.transcript or Transcript(text="")
+    response = transcript_response(transcript, response_format, result.duration)
+    response.headers["X-Request-Id"] = job.request_id
+    return response
+
+
+async def _transcript_response(job: Job, result: JobResult, summary: SummarizationType) -> Response:
+    """The contract's success body, with `summary` or `summaryError` when one was asked for."""
+    text = result.transcript.text if result.transcript else ""
+    extra = await job.summarize(summary, text)
+    return JSONResponse({**success_body(result), **extra}, headers={"X-Request-Id": job.request_id})
+
+
+def _text_fields(upload: Upload) -> dict[str, str]:
+    """The form's fields that have a value, as text (JSON nulls dropped)."""
+    return {name: value for name, value in upload.fields.items() if value is not None}
+
+
+def _response_format(raw: str | None) -> ResponseFormat:
+    if not raw:
+        return "json"
+    for known in RESPONSE_FORMATS:
+        if raw == known:
+            return known
+    raise errors.InvalidParameters(
+        f"response_format must be one of {', '.join(RESPONSE_FORMATS)}; got {raw[:40]!r}"
+    )
+
+
+def _temperature(raw: str | None) -> float | None:
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise errors.InvalidParameters("temperature must be a number from 0 to 1") from None
+    if not 0 <= value <= 1:
+        raise errors.InvalidParameters("temperature must be a number from 0 to 1")
+    return value

@@ -1,0 +1,73 @@
+"""The composition root: builds the parts every request shares, once per process."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from vrai_stream.admission import Admission
+from vrai_stream.auth.authenticator import create_authenticator
+from vrai_stream.auth.principal import Authenticator
+from vrai_stream.debug_store import create_store
+from vrai_stream.debug_store.base import DebugStore
+from vrai_stream.memory_plan import MemoryPlan, detect_memory_limit, plan_memory
+from vrai_stream.pipeline import Pipeline
+from vrai_stream.settings import Settings
+from vrai_stream.speech.summarize import Summarizer
+from vrai_stream.speech.transcribers import create_transcriber
+from vrai_stream.speech.transcribers.base import Transcriber
+from vrai_stream.spool import Budget, usable_tmp_dir
+from vrai_stream.warmup import Lazy
+
+logger = logging.getLogger("vrai_stream.services")
+
+
+@dataclass
+class Services:
+    """What every request shares; built once by the lifespan."""
+
+    settings: Settings
+    plan: MemoryPlan
+    admission: Admission
+    pipeline: Pipeline
+    transcriber: Lazy[Transcriber]
+    debug: DebugStore
+    summarizer: Summarizer
+    auth: Authenticator
+
+    @classmethod
+    def create(cls, settings: Settings, ffmpeg: str) -> Services:
+        transcriber: Lazy[Transcriber] = Lazy(lambda: create_transcriber(settings))
+        debug = create_store(settings)
+        plan = plan_memory(settings, *detect_memory_limit(settings))
+        logger.info("memory plan", extra={"plan": plan.describe()})
+        return cls(
+            settings=settings,
+            plan=plan,
+            admission=Admission(
+                max_jobs=plan.max_jobs,
+                max_queue=plan.max_queue,
+                queue_timeout_seconds=settings.queue_timeout_seconds,
+                retry_after_seconds=settings.retry_after_seconds,
+            ),
+            pipeline=Pipeline(
+                settings,
+                ffmpeg=ffmpeg,
+                memory=Budget(plan.spool_memory_total_bytes),
+                disk=Budget(settings.spool_disk_total_bytes),
+                transcriber=transcriber.get,
+                debug=debug,
+                tmp_dir=usable_tmp_dir(settings.tmp_dir),
+            ),
+            transcriber=transcriber,
+            debug=debug,
+            summarizer=Summarizer(settings),
+            auth=create_authenticator(settings.auth),
+        )
+
+    async def aclose(self) -> None:
+        await self.debug.aclose()
+        await self.summarizer.aclose()
+        await self.auth.aclose()
+        if self.transcriber.ready:
+            await (await self.transcriber.get()).aclose()

@@ -1,0 +1,1 @@
+"""Speech to text: transcribers, summaries, languages and transcript formats."""

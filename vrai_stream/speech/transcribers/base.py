@@ -1,0 +1,51 @@
+"""What a transcriber takes and gives back, whichever model runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import IO, Protocol
+
+
+@dataclass(frozen=True)
+class Segment:
+    start: float
+    end: float
+    text: str
+
+
+@dataclass(frozen=True)
+class Transcript:
+    text: str
+    language: str | None = None
+    segments: tuple[Segment, ...] = ()
+
+
+@dataclass(frozen=True)
+class TranscribeOptions:
+    """What a caller may ask of the model beyond the audio itself."""
+
+    language: str | None = None
+    prompt: str | None = None
+    temperature: float | None = None
+
+
+@dataclass(frozen=True)
+class Audio:
+    """An MP3 ready for transcription: a readable file and what is known about it."""
+
+    file: IO[bytes]
+    duration: float
+    filename: str = "audio.mp3"
+    options: TranscribeOptions = field(default_factory=TranscribeOptions)
+    request_id: str | None = None
+    """Ours, sent upstream so that one request can be traced on both sides."""
+
+
+class Transcriber(Protocol):
+    name: str
+
+    async def transcribe(self, audio: Audio) -> Transcript:
+        """Turn speech into text, raising `TranscriptionFailed` or `TranscriptionTimeout`."""
+        ...
+
+    async def aclose(self) -> None: ...
