@@ -189,6 +189,24 @@ async def test_a_time_may_not_change_after_the_audio_started() -> None:
             await read_all(upload)
 
 
+@pytest.mark.parametrize("audio_first", [False, True])
+async def test_repeated_fields_are_all_kept_in_order(tmp_path: Path, audio_first: bool) -> None:
+    """Array fields come one per item (`keywords[]`, as OpenAI's SDKs send them)."""
+    items = ("keywords[]=fox", "fromTime", "keywords[]=lazy dog", "toTime")
+    order = ("audio", *items) if audio_first else (*items, "audio", "keywords[]=a")
+    body = Body(multipart(*order))
+    async with await read_upload(
+        aiter(body), multipart_decoder(), required=TIMES, make_spool=spools(tmp_path)
+    ) as upload:
+        assert upload.spooled is audio_first
+        assert await read_all(upload) == PAYLOAD
+        expected = ["fox", "lazy dog"] if audio_first else ["fox", "lazy dog", "a"]
+        assert upload.fields.every("keywords[]") == expected
+        assert upload.fields["keywords[]"] == expected[-1]  # one value: the last, as before
+        assert upload.fields.every("fromTime") == ["1.5"]
+        assert upload.fields.every("languages[]") == []
+
+
 # --- audio first: the disk spool --------------------------------------------------------------
 
 

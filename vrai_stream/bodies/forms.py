@@ -61,6 +61,26 @@ class AudioEnd:
 Event = Field | AudioStart | AudioData | AudioEnd
 
 
+class Fields(dict[str, str | None]):
+    """Each field's value by name (the last, when a field is repeated), and all of them in order.
+
+    Array fields come as one field per item, as OpenAI's SDKs send them (`keywords[]`).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._every: dict[str, list[str]] = {}
+
+    def add(self, field: Field) -> None:
+        self[field.name] = field.value
+        if field.value is not None:
+            self._every.setdefault(field.name, []).append(field.value)
+
+    def every(self, name: str) -> list[str]:
+        """Every value `name` was given, in body order (JSON nulls left out)."""
+        return list(self._every.get(name, ()))
+
+
 class BodyDecoder(Protocol):
     """Pure, synchronous parsing: bytes in, events out, memory bounded by the chunk size.
 
@@ -95,7 +115,7 @@ class Upload:
 
     def __init__(
         self,
-        fields: dict[str, str | None],
+        fields: Fields,
         audio: AsyncGenerator[bytes, None],
         *,
         start: AudioStart,
@@ -152,12 +172,12 @@ async def read_upload(
     it back.  Decoder and spool failures propagate as `ServiceError`s; on any failure or
     cancellation the spool is gone before this returns.
     """
-    fields: dict[str, str | None] = {}
+    fields = Fields()
     events = _events(chunks, decoder)
     try:
         async for event in events:
             if isinstance(event, Field):
-                fields[event.name] = event.value
+                fields.add(event)
             elif isinstance(event, AudioStart):
                 if all(name in fields for name in required):
                     # Leaving the loop keeps `events` where it is: the audio goes on from there.
@@ -192,7 +212,7 @@ async def _events(
 
 
 async def _stream(
-    events: AsyncGenerator[Event, None], fields: dict[str, str | None], required: frozenset[str]
+    events: AsyncGenerator[Event, None], fields: Fields, required: frozenset[str]
 ) -> AsyncGenerator[bytes, None]:
     """Audio as the body arrives, then the fields after it, to the body's end."""
     try:
@@ -204,20 +224,20 @@ async def _stream(
                     raise errors.InvalidParameters(
                         f"{event.name} is given twice, before and after the audio"
                     )
-                fields[event.name] = event.value
+                fields.add(event)
     finally:
         await events.aclose()
 
 
 async def _spool_rest(
-    events: AsyncGenerator[Event, None], fields: dict[str, str | None], spool: DiskSpool
+    events: AsyncGenerator[Event, None], fields: Fields, spool: DiskSpool
 ) -> None:
     async for event in events:
         if isinstance(event, AudioData):
             # Spool writes land in the page cache; as in the pipeline, they are synchronous.
             spool.write(event.data)
         elif isinstance(event, Field):
-            fields[event.name] = event.value
+            fields.add(event)
     spool.finish()
 
 
