@@ -130,23 +130,47 @@ def test_every_response_format_carries_the_words(
     sdk_server.wait_idle()
 
 
-def test_language_prompt_and_temperature_reach_the_transcriber(
-    sdk_server: Server, fake: FakeOpenAI, media: Path
+@pytest.mark.parametrize("languages", [{"language": "en"}, {"languages": ["en"]}])
+def test_language_keywords_prompt_and_temperature_reach_the_transcriber(
+    sdk_server: Server, fake: FakeOpenAI, media: Path, languages: dict[str, Any]
 ) -> None:
+    """The SDK sends arrays as one `name[]` field per item; upstream is `gpt-transcribe`."""
     client = client_for(sdk_server)
     with (media / "sentence.wav").open("rb") as speech:
         result = client.audio.transcriptions.create(
-            model="whisper-1",
+            model="gpt-transcribe",
             file=speech,
-            language="en",
+            keywords=["fox", "lazy dog"],
             prompt="A pangram about a fox and a dog.",
             temperature=0.2,
+            **languages,
         )
     assert has_words(result.text, SENTENCE_WORDS, at_least=4), result.text
     [sent] = fake.transcription_requests
-    assert sent.form["language"] == "en"
+    assert sent.status == 200
+    assert sent.form["model"] == "gpt-transcribe"
+    assert "language" not in sent.form  # gpt-transcribe refuses it
+    assert sent.form["languages[]"] == "en"
+    assert sent.form["keywords[]"] == ["fox", "lazy dog"]
     assert sent.form["prompt"] == "A pangram about a fox and a dog."
+    assert sent.form["response_format"] == "json"
     assert float(str(sent.form["temperature"])) == pytest.approx(0.2)
+    sdk_server.wait_idle()
+
+
+def test_two_languages_are_refused(sdk_server: Server, fake: FakeOpenAI, media: Path) -> None:
+    client = client_for(sdk_server)
+    with (
+        (media / "sentence.wav").open("rb") as speech,
+        pytest.raises(openai.BadRequestError) as caught,
+    ):
+        client.audio.transcriptions.create(
+            model="gpt-transcribe", file=speech, languages=["en", "fr"]
+        )
+    body: Any = caught.value.body
+    assert body["code"] == "invalid_parameters", body
+    assert "en, fr" in body["message"]
+    assert fake.requests == []
     sdk_server.wait_idle()
 
 

@@ -49,6 +49,7 @@ def test_defaults_are_the_documented_ones() -> None:
     assert settings.debug_store == "off"  # auto, and no bucket: nothing stays on the machine
     assert settings.debug_dir_max_bytes == 256 * MiB
     assert settings.debug_dir_max_age_seconds == 86400
+    assert settings.openai_models == ("gpt-transcribe", "whisper-1")  # in order of preference
 
 
 def test_debug_folder_limits_are_read_and_zero_means_none() -> None:
@@ -80,6 +81,7 @@ def test_values_are_read_and_typed() -> None:
             "VRAI_TMP_DIR": "/srv/spool",
             "VRAI_TRANSCRIBER": "LOCAL",
             "VRAI_LOG_LEVEL": "warning",
+            "VRAI_OPENAI_MODEL": " gpt-transcribe-2 ,whisper-1",
         }
     )
     assert (settings.host, settings.port) == ("0.0.0.0", 9000)
@@ -93,6 +95,7 @@ def test_values_are_read_and_typed() -> None:
     assert settings.tmp_dir == Path("/srv/spool")
     assert settings.transcriber == "local"
     assert settings.log_level == "warning"
+    assert settings.openai_models == ("gpt-transcribe-2", "whisper-1")
 
 
 @pytest.mark.parametrize(
@@ -225,6 +228,15 @@ def test_every_field_but_auth_names_one_variable_of_its_own() -> None:
             "VRAI_DEBUG_STORE=s3 needs VRAI_DEBUG_BUCKET (or BUCKET_NAME)",
         ),
         ({"VRAI_AUTH": "basic"}, "VRAI_AUTH must be one of off, token, firebase, jwt; got 'basic'"),
+        (
+            {"VRAI_OPENAI_MODEL": "gpt-transcribe,,whisper-1"},
+            "VRAI_OPENAI_MODEL must be names separated by commas, none of them blank, "
+            "got 'gpt-transcribe,,whisper-1'",
+        ),
+        (
+            {"VRAI_OPENAI_MODEL": "whisper-1, whisper-1"},
+            "VRAI_OPENAI_MODEL must not name an entry twice, got 'whisper-1, whisper-1'",
+        ),
         (
             {"VRAI_AUTH_LEEWAY_SECONDS": "301"},
             "VRAI_AUTH_LEEWAY_SECONDS must be at most 300, got 301.0",

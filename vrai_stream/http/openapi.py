@@ -97,6 +97,25 @@ def _window_parameters() -> list[dict[str, Any]]:
     ]
 
 
+_LANGUAGE = {
+    "type": "string",
+    "description": "ISO 639-1 code of one of Whisper's languages; default: detected.",
+}
+
+
+def _model_parameters() -> list[dict[str, Any]]:
+    return [
+        {"name": "language", "in": "query", "schema": _LANGUAGE},
+        {"name": "prompt", "in": "query", "schema": {"type": "string"}},
+        {
+            "name": "keywords",
+            "in": "query",
+            "description": "Words and names the speech may hold, comma-separated.",
+            "schema": {"type": "string"},
+        },
+    ]
+
+
 def _legacy_fields() -> dict[str, Any]:
     return {
         "fromTime": {"type": ["number", "string"]},
@@ -212,7 +231,7 @@ def build_openapi() -> dict[str, Any]:
             "/v1/transcriptions": {
                 "post": {
                     "summary": "Transcribe a window of the recording sent as the raw body.",
-                    "parameters": _window_parameters(),
+                    "parameters": [*_window_parameters(), *_model_parameters()],
                     "requestBody": {
                         "required": True,
                         "content": {
@@ -269,8 +288,13 @@ def build_openapi() -> dict[str, Any]:
                     "properties": {
                         "file": {"type": "string", "format": "binary"},
                         "model": {"type": "string"},
-                        "language": {"type": "string"},
+                        "language": _LANGUAGE,
+                        "languages[]": {**_LANGUAGE, "description": "The same, as OpenAI's array"},
                         "prompt": {"type": "string"},
+                        "keywords[]": {
+                            "type": "string",
+                            "description": "One keyword; one field per keyword",
+                        },
                         "response_format": {"enum": list(RESPONSE_FORMATS)},
                         "temperature": {"type": "number", "minimum": 0, "maximum": 1},
                         "fromTime": _SECONDS,

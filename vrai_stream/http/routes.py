@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from starlette.responses import JSONResponse, Response
 
@@ -22,10 +22,11 @@ from vrai_stream.http.responses import mp3_response, success_body, transcript_re
 from vrai_stream.media.window import parse_window
 from vrai_stream.pipeline import JobResult, JobSpec
 from vrai_stream.speech.formats import RESPONSE_FORMATS, ResponseFormat
+from vrai_stream.speech.languages import WHISPER_LANGUAGES, language_code
 from vrai_stream.speech.summarize import SummarizationType
 from vrai_stream.speech.transcribers.base import TranscribeOptions, Transcript
 
-RAW_QUERY = ("fromTime", "toTime", "summarizationType")
+RAW_QUERY = ("fromTime", "toTime", "summarizationType", "language", "prompt", "keywords")
 
 
 @endpoint("transcriptions")
@@ -44,7 +45,19 @@ async def transcriptions(job: Job) -> Response:
     if not want_mp3:
         job.services.summarizer.check(summary)
     job.check_body_length()
-    spec = JobSpec(request_id=job.request_id, window=window, user_id=job.user_id, want_mp3=want_mp3)
+    options = _options(
+        languages=query.getlist("language"),
+        prompt=query.get("prompt"),
+        # `keywords=a,b` or `keywords=a&keywords=b`
+        keywords=(word for words in query.getlist("keywords") for word in words.split(",")),
+    )
+    spec = JobSpec(
+        request_id=job.request_id,
+        window=window,
+        user_id=job.user_id,
+        want_mp3=want_mp3,
+        options=options,
+    )
     async with job.admitted():
         result = await job.run(spec, refuse_forms_and_json(job.body()))
     if result.mp3 is not None:
@@ -119,7 +132,17 @@ def _requested_summary(job: Job, upload: Upload) -> SummarizationType | None:
     return summary
 
 
-OPENAI_FIELDS = ("model", "language", "prompt", "response_format", "temperature", *LEGACY_TIMES)
+OPENAI_ARRAYS = ("languages", "keywords")
+"""Array fields: OpenAI's SDKs send one `keywords[]` field per item; `keywords` is taken too."""
+OPENAI_FIELDS = (
+    "model",
+    "language",
+    "prompt",
+    "response_format",
+    "temperature",
+    *(name + suffix for name in OPENAI_ARRAYS for suffix in ("", "[]")),
+    *LEGACY_TIMES,
+)
 
 
 @endpoint("openai", error_style="openai")
@@ -148,9 +171,10 @@ async def openai_transcriptions(job: Job) -> Response:
             request_id=job.request_id,
             window=window,
             user_id=job.user_id,
-            options=TranscribeOptions(
-                language=fields.get("language") or None,
-                prompt=fields.get("prompt") or None,
+            options=_options(
+                languages=[*upload.fields.every("language"), *_every(upload, "languages")],
+                prompt=fields.get("prompt"),
+                keywords=_every(upload, "keywords"),
                 temperature=_temperature(fields.get("temperature")),
             ),
         )
@@ -171,6 +195,41 @@ async def _transcript_response(job: Job, result: JobResult, summary: Summarizati
 def _text_fields(upload: Upload) -> dict[str, str]:
     """The form's fields that have a value, as text (JSON nulls dropped)."""
     return {name: value for name, value in upload.fields.items() if value is not None}
+
+
+def _every(upload: Upload, array: str) -> list[str]:
+    return [*upload.fields.every(array), *upload.fields.every(f"{array}[]")]
+
+
+def _options(
+    *,
+    languages: Iterable[str],
+    prompt: str | None,
+    keywords: Iterable[str],
+    temperature: float | None = None,
+) -> TranscribeOptions:
+    """What the caller asks of the model: one language at most, keywords as a clean list."""
+    codes: dict[str, None] = {}
+    for raw in languages:
+        if not raw.strip():
+            continue
+        code = language_code(raw.strip().lower())  # a Whisper language's name is taken too
+        if code not in WHISPER_LANGUAGES:
+            raise errors.InvalidParameters(
+                f"language must be the ISO 639-1 code of one of Whisper's languages, such as "
+                f"'en'; got {raw[:40]!r}"
+            )
+        codes[code] = None
+    if len(codes) > 1:
+        raise errors.InvalidParameters(
+            f"Give one language, or none to have it detected; got {', '.join(codes)}"
+        )
+    return TranscribeOptions(
+        language=next(iter(codes), None),
+        prompt=prompt or None,
+        temperature=temperature,
+        keywords=tuple(dict.fromkeys(word.strip() for word in keywords if word.strip())),
+    )
 
 
 def _response_format(raw: str | None) -> ResponseFormat:

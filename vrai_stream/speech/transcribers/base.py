@@ -25,8 +25,11 @@ class TranscribeOptions:
     """What a caller may ask of the model beyond the audio itself."""
 
     language: str | None = None
+    """An ISO 639-1 code such as `en`."""
     prompt: str | None = None
     temperature: float | None = None
+    keywords: tuple[str, ...] = ()
+    """Words and names the speech may hold (jargon, people, products), to spell them right."""
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,7 @@ class Audio:
     file: IO[bytes]
     duration: float
     filename: str = "audio.mp3"
+    content_type: str = "audio/mpeg"
     options: TranscribeOptions = field(default_factory=TranscribeOptions)
     request_id: str | None = None
     """Ours, sent upstream so that one request can be traced on both sides."""

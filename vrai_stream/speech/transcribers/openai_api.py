@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import IO
 
 import anyio
 import openai
@@ -11,21 +11,22 @@ from openai.types.audio import TranscriptionVerbose
 from vrai_stream import errors
 from vrai_stream.settings import Settings
 from vrai_stream.speech.languages import language_code
-from vrai_stream.speech.transcribers.base import Audio, Segment, Transcript
+from vrai_stream.speech.transcribers.base import Audio, Segment, TranscribeOptions, Transcript
+from vrai_stream.speech.transcribers.openai_models import ModelList, is_model_gone, request_fields
 
 CLIENT_REQUEST_ID = "X-Client-Request-Id"
 """OpenAI keeps a caller's own request ID with the request: support can find it by ours."""
+
+
+class _ModelGone(Exception):
+    def __init__(self, error: openai.APIStatusError) -> None:
+        self.error = error
 
 
 class OpenAITranscriber:
     name = "openai"
 
     def __init__(self, settings: Settings) -> None:
-        self._model = settings.openai_model
-        # gpt-4o-transcribe and its kin answer only `json`; Whisper models give segments.
-        self._response_format: Literal["json", "verbose_json"] = (
-            "verbose_json" if "whisper" in self._model.lower() else "json"
-        )
         self._deadline = settings.openai_deadline_seconds
         self._client = openai.AsyncOpenAI(
             api_key=settings.openai_api_key,
@@ -33,38 +34,48 @@ class OpenAITranscriber:
             timeout=settings.openai_timeout_seconds,
             max_retries=settings.openai_max_retries,
         )
+        self._models = ModelList(settings.openai_models, upstream=str(self._client.base_url))
 
     async def transcribe(self, audio: Audio) -> Transcript:
+        start = _position(audio.file)
         try:
             # The SDK's timeout is per attempt; retries honouring Retry-After need a cap too.
             with anyio.fail_after(self._deadline):
-                result = await self._create(audio)
+                while True:
+                    model = self._models.current()
+                    try:
+                        result = await self._create(model, audio)
+                        break
+                    except _ModelGone as gone:
+                        if not self._models.drop(model, gone.error):
+                            raise _failed(gone.error) from None
+                    if start is None:
+                        raise errors.TranscriptionFailed(
+                            "The transcription model is gone, and the audio cannot be sent again"
+                        )
+                    audio.file.seek(start)  # the next model gets the whole file again
         except TimeoutError:
             raise errors.TranscriptionTimeout(
                 "The transcription service did not answer in time"
             ) from None
-        return _to_transcript(result)
+        return _to_transcript(result, audio.options)
 
-    async def _create(self, audio: Audio) -> object:
-        options = audio.options
+    async def _create(self, model: str, audio: Audio) -> object:
         try:
-            return await self._client.audio.transcriptions.create(
-                model=self._model,
-                file=(audio.filename, audio.file, "audio/mpeg"),
-                response_format=self._response_format,
-                language=options.language or openai.omit,
-                prompt=options.prompt or openai.omit,
-                temperature=openai.omit if options.temperature is None else options.temperature,
+            result: object = await self._client.audio.transcriptions.create(
+                model=model,
+                file=(audio.filename, audio.file, audio.content_type),
                 extra_headers={CLIENT_REQUEST_ID: audio.request_id} if audio.request_id else None,
+                **request_fields(model, audio.options),
             )
         except openai.APITimeoutError:
             raise errors.TranscriptionTimeout(
                 "The transcription service did not answer in time"
             ) from None
         except openai.APIStatusError as exc:
-            raise errors.TranscriptionFailed(
-                f"The transcription service answered {exc.status_code}"
-            ) from None
+            if is_model_gone(exc):
+                raise _ModelGone(exc) from None
+            raise _failed(exc) from None
         except openai.APIConnectionError:
             raise errors.TranscriptionFailed(
                 "The transcription service could not be reached"
@@ -73,19 +84,37 @@ class OpenAITranscriber:
             raise errors.TranscriptionFailed(
                 "The transcription service sent an answer that could not be read"
             ) from None
+        return result
 
     async def aclose(self) -> None:
         await self._client.close()
 
 
-def _to_transcript(result: object) -> Transcript:
+def _failed(error: openai.APIStatusError) -> errors.TranscriptionFailed:
+    # Never the upstream's message: a 401's names the key it was given.
+    return errors.TranscriptionFailed(f"The transcription service answered {error.status_code}")
+
+
+def _position(file: IO[bytes]) -> int | None:
+    """Where the audio starts in `file`, to send it again; None if it cannot be sought."""
+    try:
+        return file.tell() if file.seekable() else None
+    except (OSError, ValueError):
+        return None
+
+
+def _to_transcript(result: object, options: TranscribeOptions) -> Transcript:
+    """The text; the language the model heard, else the one asked; segments if it gave them."""
+    asked = language_code(options.language)
     if isinstance(result, TranscriptionVerbose):
         segments = tuple(
             Segment(start=segment.start, end=segment.end, text=segment.text.strip())
             for segment in result.segments or ()
         )
         return Transcript(
-            text=result.text.strip(), language=language_code(result.language), segments=segments
+            text=result.text.strip(),
+            language=language_code(result.language) or asked,
+            segments=segments,
         )
     text = getattr(result, "text", result)
-    return Transcript(text=str(text).strip())
+    return Transcript(text=str(text).strip(), language=asked)

@@ -69,6 +69,8 @@ class WhisperTranscriber:
             beam_size=self._beam_size,
             language=options.language,
             initial_prompt=options.prompt,
+            # faster-whisper puts these in the prompt of every 30 s window, not only the first.
+            hotwords=", ".join(options.keywords) or None,
             temperature=0.0 if options.temperature is None else options.temperature,
             condition_on_previous_text=False,
         )
