@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from .support.audio import SENTENCE, run_ffmpeg, speak
+from .support.phone_media import NOISE_AMPLITUDE
 from .support.s3_server import MotoServer, start_moto
 from .support.server import Server, start_server
 
@@ -53,7 +54,16 @@ def make_server(tmp_path: Path) -> Iterator[Any]:
 def media(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder of generated recordings, made once per test session."""
     folder = tmp_path_factory.mktemp("media")
-    speak(SENTENCE, folder / "sentence.wav")
+    speak(SENTENCE, folder / "clean.wav")
+    # Over a faint noise bed, as a phone hears it: tiny.en's reading of espeak's clean voice
+    # flips on inaudible differences ("brown fox" from MP3, "roundfark" from lossless PCM).
+    noise = f"anoisesrc=color=pink:amplitude={NOISE_AMPLITUDE}:sample_rate=22050:seed=7"
+    run_ffmpeg(
+        "-i", str(folder / "clean.wav"),
+        "-f", "lavfi", "-i", noise,
+        "-filter_complex", "[0:a][1:a]amix=inputs=2:duration=first:normalize=0",
+        str(folder / "sentence.wav"),
+    )  # fmt: skip
     # 4 s of silence, the sentence, then silence again: windows can pick the speech out.
     run_ffmpeg(
         "-f", "lavfi", "-i", "anullsrc=r=22050:cl=mono:d=4",

@@ -122,9 +122,9 @@ def test_every_response_format_carries_the_words(
             assert re.match(r"1\n\d{2}:", result), result
         assert_timed(cues(result, "," if response_format == "srt" else "."))
 
-    # Through the service's own pipeline: ffmpeg made an MP3 of it for the upstream.
+    # Through the service's own pipeline: ffmpeg decoded it, the segmenter cut it.
     [sent] = fake.transcription_requests
-    assert sent.file.is_mp3
+    assert sent.file.is_wav
     entry = sdk_server.request_logs()[-1]
     assert (entry["endpoint"], entry["status"], entry["userId"]) == ("openai", 200, USER)
     sdk_server.wait_idle()

@@ -100,14 +100,13 @@ async def test_speech_comes_back_as_its_words(
     assert "authorization" not in seen.headers
     # Our request ID travels upstream: one request can be traced on both sides.
     assert seen.headers["x-client-request-id"] == body["requestId"]
-    # What went out is the window as MP3, not the upload.
+    # What went out is the window's one segment as ffmpeg decoded it (16 kHz mono WAV, no
+    # encoder in between), not the upload.
     sent = seen.file
-    assert sent.is_mp3
+    assert sent.is_wav
     assert sent.filename is not None
-    assert sent.filename.endswith(".mp3")
-    assert sent.content_type == "audio/mpeg"
-    assert len(sent.data) == body["fileSize"]
-    assert len(sent.data) < len(audio)
+    assert sent.filename.endswith(".wav")
+    assert sent.content_type == "audio/wav"
     assert abs(decoded_seconds(sent.data, tmp_path) - body["duration"]) < 0.1
     assert_key_hidden(server, response)
     server.wait_idle()
@@ -334,9 +333,9 @@ async def test_rate_limit_is_retried_by_the_sdk(
     assert has_words(response.json()["transcription"], SENTENCE_WORDS, at_least=4)
     first, second = fake.transcription_requests
     assert (first.status, second.status) == (429, 200)
-    # The retry sent the whole MP3 again, not the rest of an already-read file.
+    # The retry sent the whole segment again, not the rest of an already-read file.
     assert second.file.data == first.file.data
-    assert len(second.file.data) == response.json()["fileSize"]
+    assert second.file.is_wav
     assert_key_hidden(server, response)
     server.wait_idle()
 

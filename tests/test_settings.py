@@ -35,7 +35,7 @@ MiB = 1024 * 1024
 
 def test_defaults_are_the_documented_ones() -> None:
     settings = Settings.from_env({})
-    assert settings.max_window_seconds == 300
+    assert settings.max_window_seconds == 3 * 3600
     assert settings.max_body_bytes == 1024 * MiB
     assert settings.idle_timeout_seconds == 30
     assert settings.max_jobs is None  # derived from the machine's memory

@@ -12,24 +12,56 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
+from anyio.abc import TaskGroup
 
 from vrai_stream import errors, metrics
 from vrai_stream.bodies.limits import BodyMeter, limited
 from vrai_stream.debug_store.base import CopyContext, DebugCopies, DebugStore
 from vrai_stream.media.failures import explain_failure
 from vrai_stream.media.ffmpeg import build_command
-from vrai_stream.media.ffmpeg_job import FfmpegJob, run_ffmpeg
+from vrai_stream.media.ffmpeg_job import FfmpegJob, PcmPipe, run_ffmpeg
 from vrai_stream.media.mp3 import mp3_duration
 from vrai_stream.media.sniff import SNIFF_LIMIT_BYTES, Layout, Mode, pipe_filter, sniff
 from vrai_stream.media.window import Window
 from vrai_stream.settings import ANONYMOUS, Settings
-from vrai_stream.speech.transcribers.base import Audio, TranscribeOptions, Transcriber, Transcript
+from vrai_stream.speech.segmented import SegmentedTranscription
+from vrai_stream.speech.segmenter import Cut, Segmenter
+from vrai_stream.speech.transcribers.base import (
+    Audio,
+    Segment,
+    TranscribeOptions,
+    Transcriber,
+    Transcript,
+)
 from vrai_stream.spool import Budget, FileSpool, Spool
 
 TranscriberSource = Callable[[], Awaitable[Transcriber]]
+
+
+class JobListener(Protocol):
+    """Hears a job as it goes, so an answer can stream while the upload still arrives.
+
+    Calls come from the job's own tasks and must not block: a listener queues, never waits.
+    """
+
+    def progress(self, received_bytes: int, decoded_seconds: float) -> None:
+        """The body so far, and how much of the window ffmpeg has decoded."""
+
+    def segment(self, index: int, segment: Segment) -> None:
+        """Segment `index` is transcribed; its times are seconds from the window's start."""
+
+
+class SilentListener:
+    """The listener of a job nobody watches."""
+
+    def progress(self, received_bytes: int, decoded_seconds: float) -> None:
+        pass
+
+    def segment(self, index: int, segment: Segment) -> None:
+        pass
 
 
 @dataclass(frozen=True)
@@ -71,6 +103,8 @@ class JobResult:
     layout: Layout | None = None
     transcript: Transcript | None = None
     mp3: bytes | None = None
+    billed_seconds: float = 0.0
+    """Audio sent to the transcriber: the window, less segments in which nobody speaks."""
     timings: Timings = field(default_factory=Timings)
 
     def log_fields(self) -> dict[str, Any]:
@@ -106,15 +140,23 @@ class Pipeline:
         self._transcriber = transcriber
         self._debug = debug
         self.tmp_dir = tmp_dir
+        self._upstream_segments = anyio.CapacityLimiter(settings.openai_concurrency)
+        """Every job's segments in flight to an upstream API, together."""
 
-    async def run(self, spec: JobSpec, chunks: AsyncIterator[bytes], result: JobResult) -> None:
+    async def run(
+        self,
+        spec: JobSpec,
+        chunks: AsyncIterator[bytes],
+        result: JobResult,
+        listener: JobListener | None = None,
+    ) -> None:
         """Fill `result` as the job goes, so a failure still reports how far it got."""
         copies = self._debug.begin(
             CopyContext.now(spec.request_id, spec.user_id, spec.window.start, spec.window.end)
         )
         try:
             try:
-                await self._run(spec, chunks, result, copies)
+                await self._run(spec, chunks, result, copies, listener or SilentListener())
             except BaseExceptionGroup as group:
                 failure = _first_service_error(group)
                 if failure is None:
@@ -137,13 +179,14 @@ class Pipeline:
         chunks: AsyncIterator[bytes],
         result: JobResult,
         copies: DebugCopies,
+        listener: JobListener,
     ) -> None:
         started = anyio.current_time()
         meter = BodyMeter()
         output = self.new_spool()
         try:
             with output:
-                await self._stream(spec, chunks, result, copies, meter, output)
+                await self._stream(spec, chunks, result, copies, meter, output, listener)
         finally:
             # Even a failed job reports how much arrived and how long it took.
             result.output_on_disk = output.on_disk
@@ -161,6 +204,7 @@ class Pipeline:
         copies: DebugCopies,
         meter: BodyMeter,
         output: Spool,
+        listener: JobListener,
     ) -> None:
         settings = self._settings
         body = limited(
@@ -175,12 +219,14 @@ class Pipeline:
         failure: errors.ServiceError | None = None
         with contextlib.ExitStack() as cleanup:
             async with anyio.create_task_group() as group:
+                segments = self._segments(spec, meter, listener, group)
+                pcm = segments.pcm_pipe() if segments else None
                 if layout.mode is Mode.STREAM:
-                    command = self._command(spec)
-                    async with self._ffmpeg_run(command, output) as ffmpeg:
+                    command = self._command(spec, pcm=pcm)
+                    async with self._ffmpeg_run(command, output, pcm=pcm) as ffmpeg:
                         feed = _filtered(layout, ffmpeg)
                         group.start_soon(_pump, head, body, feed, ffmpeg.finish_input, copies)
-                        failure = await self._finish(spec, ffmpeg, output, result, copies)
+                        failure = await self._finish(spec, ffmpeg, output, result, copies, segments)
                 else:
                     # ffmpeg must seek in this layout: the body goes to disk first.
                     source = cleanup.enter_context(self.new_file_spool(".input"))
@@ -192,30 +238,67 @@ class Pipeline:
                         source.finish()
 
                     await _pump(head, body, write, finish, copies)
-                    command = self._command(spec, input_path=source.path)
-                    async with self._ffmpeg_run(command, output, feeds_stdin=False) as ffmpeg:
-                        failure = await self._finish(spec, ffmpeg, output, result, copies)
+                    command = self._command(spec, input_path=source.path, pcm=pcm)
+                    async with self._ffmpeg_run(
+                        command, output, feeds_stdin=False, pcm=pcm
+                    ) as ffmpeg:
+                        failure = await self._finish(spec, ffmpeg, output, result, copies, segments)
+                if segments is not None:
+                    segments.stop()  # a job that failed transcribes nothing more
             # Leaving the task group means the body has been read to its last byte.
         if failure is not None:
             raise failure
 
-    def _command(self, spec: JobSpec, input_path: Path | None = None) -> list[str]:
+    def _segments(
+        self, spec: JobSpec, meter: BodyMeter, listener: JobListener, group: TaskGroup
+    ) -> _Segments | None:
+        """Segmented transcription, started now: it hears the audio as ffmpeg decodes it."""
+        settings = self._settings
+        if spec.want_mp3 or settings.transcribe_mode != "segments":
+            return None
+        upstream = settings.transcriber == "openai"
+        segments = _Segments(
+            Segmenter(
+                min_seconds=settings.segment_min_seconds, max_seconds=settings.segment_max_seconds
+            ),
+            meter,
+            listener,
+        )
+        group.start_soon(
+            segments.transcribe,
+            self._transcriber,
+            spec,
+            settings.openai_segment_concurrency if upstream else 1,
+            self._upstream_segments if upstream else None,
+        )
+        return segments
+
+    def _command(
+        self, spec: JobSpec, input_path: Path | None = None, pcm: PcmPipe | None = None
+    ) -> list[str]:
         return build_command(
             self._ffmpeg,
             spec.window,
             self._settings.mp3_bitrate_kbps,
             input_path=input_path,
             memory_limit_bytes=self._settings.ffmpeg_memory_bytes,
+            pcm_fd=pcm.write_fd if pcm else None,
         )
 
     def _ffmpeg_run(
-        self, command: list[str], output: Spool, *, feeds_stdin: bool = True
+        self,
+        command: list[str],
+        output: Spool,
+        *,
+        feeds_stdin: bool = True,
+        pcm: PcmPipe | None = None,
     ) -> AbstractAsyncContextManager[FfmpegJob]:
         return run_ffmpeg(
             command,
             output,
             timeout_after_input=self._settings.ffmpeg_timeout_seconds,
             feeds_stdin=feeds_stdin,
+            pcm=pcm,
         )
 
     async def _finish(
@@ -225,8 +308,9 @@ class Pipeline:
         output: Spool,
         result: JobResult,
         copies: DebugCopies,
+        segments: _Segments | None,
     ) -> errors.ServiceError | None:
-        """Wait for ffmpeg, then transcribe its MP3 (or keep it); return what went wrong."""
+        """Wait for ffmpeg, then for the transcript (or keep the MP3); return what went wrong."""
         outcome = await ffmpeg.wait()
         result.timings.transcode = outcome.seconds
         metrics.FFMPEG_EXITS.labels(
@@ -247,6 +331,15 @@ class Pipeline:
             result.mp3 = mp3
             return None
         del mp3
+        if segments is not None:
+            # Only the last segment is left to transcribe: the rest was heard as it came.
+            try:
+                result.transcript, result.timings.transcribe = await segments.outcome()
+            except errors.ServiceError as exc:
+                return exc
+            finally:
+                result.billed_seconds = segments.billed_seconds
+            return None
         try:
             result.transcript = await self._transcribe(spec, output, result)
         except errors.ServiceError as exc:
@@ -267,6 +360,7 @@ class Pipeline:
 
     async def _transcribe(self, spec: JobSpec, output: Spool, result: JobResult) -> Transcript:
         transcriber = await self._transcriber()
+        result.billed_seconds = result.duration
         began = anyio.current_time()
         try:
             return await transcriber.transcribe(
@@ -279,6 +373,82 @@ class Pipeline:
             )
         finally:
             result.timings.transcribe = anyio.current_time() - began
+
+
+class _Segments:
+    """The segmenter fed by ffmpeg's PCM output, and the transcription of what it cuts."""
+
+    def __init__(self, segmenter: Segmenter, meter: BodyMeter, listener: JobListener) -> None:
+        self._segmenter = segmenter
+        self._meter = meter
+        self._listener = listener
+        self._send, self._receive = anyio.create_memory_object_stream[Cut](1)
+        self._scope = anyio.CancelScope()
+        self._done = anyio.Event()
+        self._transcript: Transcript | None = None
+        self._failure: errors.ServiceError | None = None
+        self._seconds = 0.0
+        self.billed_seconds = 0.0
+
+    def pcm_pipe(self) -> PcmPipe:
+        return PcmPipe(self._heard, self._ended)
+
+    async def _heard(self, pcm: bytes) -> None:
+        cuts = self._segmenter.feed(pcm)
+        self._listener.progress(self._meter.size, self._segmenter.decoded_seconds)
+        for cut in cuts:
+            await self._pass_on(cut)
+
+    async def _ended(self) -> None:
+        for cut in self._segmenter.finish():
+            await self._pass_on(cut)
+        self._send.close()
+
+    async def _pass_on(self, cut: Cut) -> None:
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+            await self._send.send(cut)  # waits while the transcriber is behind: backpressure
+
+    async def transcribe(
+        self,
+        transcriber: TranscriberSource,
+        spec: JobSpec,
+        concurrency: int,
+        limiter: anyio.CapacityLimiter | None,
+    ) -> None:
+        began = anyio.current_time()
+        try:
+            with self._scope:
+                work = SegmentedTranscription(
+                    await transcriber(),
+                    spec.options,
+                    concurrency=concurrency,
+                    limiter=limiter,
+                    request_id=spec.request_id,
+                    on_segment=self._listener.segment,
+                )
+                try:
+                    self._transcript = await work.run(self._receive)
+                finally:
+                    self.billed_seconds = work.billed_seconds
+        except errors.ServiceError as exc:
+            # Reported when ffmpeg is done; the upload is still read to its end meanwhile.
+            self._failure = exc
+        finally:
+            self._receive.close()
+            self._seconds = anyio.current_time() - began
+            self._done.set()
+
+    async def outcome(self) -> tuple[Transcript, float]:
+        """The stitched transcript and the time spent transcribing, or the failure."""
+        await self._done.wait()
+        if self._failure is not None:
+            raise self._failure
+        assert self._transcript is not None
+        return self._transcript, self._seconds
+
+    def stop(self) -> None:
+        self._scope.cancel()
+        self._receive.close()
 
 
 async def _read_head(body: AsyncIterator[bytes]) -> tuple[list[bytes], Layout]:

@@ -20,6 +20,7 @@ from typing import Any, Literal, get_args
 from vrai_stream.auth.config import AuthConfig, AuthKind
 
 TranscriberKind = Literal["openai", "local"]
+TranscribeMode = Literal["segments", "whole"]
 DebugStoreKind = Literal["s3", "dir", "off"]
 
 MiB = 1024 * 1024
@@ -37,6 +38,7 @@ The one table of them: `media.mp3` measures frames with it, and
 _MP3_BITRATES_KBPS = tuple(rate for rate in MPEG2_L3_KBPS if rate)
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _TRANSCRIBERS: tuple[TranscriberKind, ...] = get_args(TranscriberKind)
+_TRANSCRIBE_MODES: tuple[TranscribeMode, ...] = get_args(TranscribeMode)
 _DEBUG_STORES: tuple[DebugStoreKind, ...] = get_args(DebugStoreKind)
 _AUTH_KINDS: tuple[AuthKind, ...] = get_args(AuthKind)
 
@@ -204,7 +206,9 @@ class Settings:
 
     # Request limits
     max_window_seconds: float = field(
-        default=300.0, metadata=number("VRAI_MAX_WINDOW_SECONDS", minimum=1)
+        # /v1 only: segments keep memory flat in the window's length (the legacy API: 300 s)
+        default=3 * 3600.0,
+        metadata=number("VRAI_MAX_WINDOW_SECONDS", minimum=1),
     )
     max_body_bytes: int = field(
         default=1024 * MiB, metadata=integer("VRAI_MAX_BODY_BYTES", minimum=1)
@@ -283,6 +287,23 @@ class Settings:
         default=1, metadata=integer("VRAI_WHISPER_BEAM_SIZE", minimum=1, maximum=10)
     )
 
+    # Segmented transcription: cut at pauses as the audio streams, transcribe as cut
+    transcribe_mode: TranscribeMode = field(
+        default="segments", metadata=choice("VRAI_TRANSCRIBE_MODE", _TRANSCRIBE_MODES)
+    )
+    segment_min_seconds: float = field(
+        default=8.0, metadata=number("VRAI_SEGMENT_MIN_SECONDS", minimum=1, maximum=60)
+    )
+    segment_max_seconds: float = field(
+        default=28.0, metadata=number("VRAI_SEGMENT_MAX_SECONDS", minimum=2, maximum=600)
+    )
+    openai_segment_concurrency: int = field(
+        default=4, metadata=integer("VRAI_OPENAI_SEGMENT_CONCURRENCY", minimum=1, maximum=64)
+    )
+    openai_concurrency: int = field(
+        default=32, metadata=integer("VRAI_OPENAI_CONCURRENCY", minimum=1)
+    )
+
     # Debug copies
     debug_store: DebugStoreKind = field(
         default="off", metadata=choice("VRAI_DEBUG_STORE", _DEBUG_STORES, auto=True)
@@ -347,6 +368,14 @@ class Settings:
             values["auth"] = AuthConfig.parse(**vars(_AuthVariables(**_read(_AuthVariables, env))))
         except ValueError as exc:
             raise SettingsError(str(exc)) from None
+
+        shortest = values.get("segment_min_seconds", cls.segment_min_seconds)
+        longest = values.get("segment_max_seconds", cls.segment_max_seconds)
+        if shortest >= longest:
+            raise SettingsError(
+                f"VRAI_SEGMENT_MIN_SECONDS ({shortest:g}) must be less than "
+                f"VRAI_SEGMENT_MAX_SECONDS ({longest:g})"
+            )
 
         # Only a buffer that is set is checked against the part size (as it always was).
         part_bytes = values.get("debug_part_bytes", cls.debug_part_bytes)

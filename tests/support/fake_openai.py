@@ -106,6 +106,10 @@ class Upload:
     data: bytes
 
     @property
+    def is_wav(self) -> bool:
+        return self.data[:4] == b"RIFF" and self.data[8:12] == b"WAVE"
+
+    @property
     def is_mp3(self) -> bool:
         """An ID3 tag or an MPEG audio frame header at the start."""
         data = self.data

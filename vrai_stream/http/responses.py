@@ -23,6 +23,10 @@ def success_body(result: JobResult) -> dict[str, Any]:
         "requestId": spec.request_id,
         "transcription": transcript.text if transcript else "",
         "language": transcript.language if transcript else None,
+        "segments": [
+            {"start": part.start, "end": part.end, "text": part.text}
+            for part in (transcript.segments if transcript else ())
+        ],
         "duration": result.duration,
         "fromTime": spec.window.start,
         "toTime": spec.window.end,

@@ -66,6 +66,8 @@ async def transcriptions(job: Job) -> Response:
 
 
 LEGACY_TIMES = ("fromTime", "toTime")
+LEGACY_MAX_SECONDS = 300.0
+"""The old service's limit, which the app in the field was built against."""
 LEGACY_FIELDS = (*LEGACY_TIMES, "summarizationType")
 
 
@@ -97,7 +99,6 @@ async def _legacy(
 ) -> Response:
     request = job.request
     await job.authenticate()
-    settings = job.services.settings
     check_no_body_fields_in_query(
         request.query_params.keys(),
         body_fields,
@@ -110,8 +111,8 @@ async def _legacy(
         # As the old service checked it: 0 <= fromTime < toTime <= 300.
         window = parse_window(
             _text_fields(upload),
-            max_window_seconds=settings.max_window_seconds,
-            max_end=settings.max_window_seconds,
+            max_window_seconds=LEGACY_MAX_SECONDS,
+            max_end=LEGACY_MAX_SECONDS,
         )
         # Refuse an unknown or unavailable summary before transcribing, when it came first.
         summary = _requested_summary(job, upload)

@@ -146,7 +146,13 @@ def _open_pidfd(pid: int) -> int | None:
 
 
 async def spawn(
-    command: Sequence[str], *, stdin: int, stdout: int, stderr: int, start_new_session: bool
+    command: Sequence[str],
+    *,
+    stdin: int,
+    stdout: int,
+    stderr: int,
+    start_new_session: bool,
+    pass_fds: Sequence[int] = (),
 ) -> ChildProcess:
     """Start `command` from a worker thread; the event loop never waits for the exec."""
 
@@ -158,6 +164,7 @@ async def spawn(
             stderr=stderr,
             bufsize=0,
             start_new_session=start_new_session,
+            pass_fds=tuple(pass_fds),
         )
 
     popen = await anyio.to_thread.run_sync(start)

@@ -62,8 +62,12 @@ def build_command(
     bitrate_kbps: int,
     input_path: Path | None = None,
     memory_limit_bytes: int | None = None,
+    pcm_fd: int | None = None,
 ) -> list[str]:
     """ffmpeg's argv.  `input_path` is the service's own spool; otherwise stdin is read.
+
+    With `pcm_fd`, the same window also goes to that descriptor as 16 kHz mono s16le, for
+    the segmenter: one decode serves both outputs.
 
     The trim options come after `-i`: ffmpeg cannot seek a pipe, and an input-side `-ss`
     on a pipe silently drops audio instead of decoding up to the start.
@@ -108,7 +112,16 @@ def build_command(
         "-f",
         "mp3",
         "pipe:1",
+        *_pcm_output(window, pcm_fd),
     ]
+
+
+def _pcm_output(window: Window, fd: int | None) -> list[str]:
+    if fd is None:
+        return []
+    trim = ["-ss", f"{window.start:.3f}", "-t", f"{window.length:.3f}"]
+    pcm = ["-ac", "1", "-ar", str(SAMPLE_RATE), "-flush_packets", "0", "-f", "s16le"]
+    return ["-map", "0:a:0", *trim, *pcm, f"pipe:{fd}"]
 
 
 def _memory_limit(limit_bytes: int | None) -> list[str]:

@@ -7,19 +7,22 @@ the tail of its stderr is kept to explain a failure (`media.failures`).
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess  # only its PIPE and DEVNULL constants  # nosec B404
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import anyio
 
-from vrai_stream.media.child_process import ChildProcess, spawn
+from vrai_stream.media.child_process import ChildProcess, PipeReader, spawn
 from vrai_stream.spool import Spool
 
 STDERR_TAIL_BYTES = 4096
 KILL_GRACE_SECONDS = 2.0
+DEADLINE_STEP_SECONDS = 0.5
+"""How finely the deadline tells ffmpeg's own time from time our PCM reader held it back."""
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,39 @@ class TranscodeOutcome:
     seconds: float
 
 
+PcmSink = Callable[[bytes], Awaitable[None]]
+
+
+class PcmPipe:
+    """A second output of ffmpeg's, the decoded window as PCM, on a pipe of its own.
+
+    Build the command with `write_fd` (`pipe:N`); the child inherits that end only.  `sink`
+    gets the audio as it comes, `end` is awaited once all of it has.
+    """
+
+    def __init__(self, sink: PcmSink, end: Callable[[], Awaitable[None]]) -> None:
+        read_fd, self.write_fd = os.pipe()
+        self.reader = PipeReader(os.fdopen(read_fd, "rb", buffering=0))
+        self.sink = sink
+        self.end = end
+        self.waiting = False
+        """True while the sink holds ffmpeg back: that time is not ffmpeg's own."""
+
+    def close_write_end(self) -> None:
+        if self.write_fd >= 0:
+            os.close(self.write_fd)
+            self.write_fd = -1
+
+    async def drain(self) -> None:
+        async for chunk in self.reader:
+            self.waiting = True
+            try:
+                await self.sink(chunk)
+            finally:
+                self.waiting = False
+        await self.end()
+
+
 @asynccontextmanager
 async def run_ffmpeg(
     command: list[str],
@@ -37,16 +73,26 @@ async def run_ffmpeg(
     *,
     timeout_after_input: float,
     feeds_stdin: bool = True,
+    pcm: PcmPipe | None = None,
 ) -> AsyncIterator[FfmpegJob]:
     """Start ffmpeg, drain it in the background, and make sure it is gone on the way out."""
-    process = await spawn(
-        command,
-        stdin=subprocess.PIPE if feeds_stdin else subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-    job = FfmpegJob(process, output, timeout_after_input=timeout_after_input)
+    try:
+        process = await spawn(
+            command,
+            stdin=subprocess.PIPE if feeds_stdin else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            pass_fds=(pcm.write_fd,) if pcm else (),
+        )
+    except BaseException:
+        if pcm is not None:
+            await pcm.reader.aclose()
+        raise
+    finally:
+        if pcm is not None:
+            pcm.close_write_end()  # the child has its own copy: EOF comes when it exits
+    job = FfmpegJob(process, output, timeout_after_input=timeout_after_input, pcm=pcm)
     try:
         if not feeds_stdin:
             await job.finish_input()
@@ -67,9 +113,17 @@ async def run_ffmpeg(
 class FfmpegJob:
     """One running ffmpeg, fed chunk by chunk, its stdout drained into `output`."""
 
-    def __init__(self, process: ChildProcess, output: Spool, *, timeout_after_input: float) -> None:
+    def __init__(
+        self,
+        process: ChildProcess,
+        output: Spool,
+        *,
+        timeout_after_input: float,
+        pcm: PcmPipe | None = None,
+    ) -> None:
         self._process = process
         self.output = output
+        self._pcm = pcm
         self._timeout_after_input = timeout_after_input
         self._stderr_tail: deque[bytes] = deque()
         self._stderr_size = 0
@@ -118,7 +172,10 @@ class FfmpegJob:
         async with anyio.create_task_group() as group:
             group.start_soon(self._drain_stderr)
             group.start_soon(self._deadline)
-            await self._drain_stdout()
+            async with anyio.create_task_group() as outputs:
+                if self._pcm is not None:
+                    outputs.start_soon(self._pcm.drain)
+                await self._drain_stdout()
             await self._process.wait()
             group.cancel_scope.cancel()
         self._stdin_open = False
@@ -140,7 +197,12 @@ class FfmpegJob:
 
     async def _deadline(self) -> None:
         await self._input_done.wait()
-        await anyio.sleep(self._timeout_after_input)
+        left = self._timeout_after_input
+        while left > 0:
+            step = min(left, DEADLINE_STEP_SECONDS)
+            await anyio.sleep(step)
+            if self._pcm is None or not self._pcm.waiting:
+                left -= step
         self._timed_out = True
         await self.stop()
 
@@ -156,7 +218,8 @@ class FfmpegJob:
                 await process.wait()
 
     async def close_pipes(self) -> None:
-        for stream in (self._process.stdin, self._process.stdout, self._process.stderr):
+        pcm = self._pcm.reader if self._pcm else None
+        for stream in (self._process.stdin, self._process.stdout, self._process.stderr, pcm):
             if stream is not None:
                 with contextlib.suppress(OSError, anyio.BrokenResourceError):
                     await stream.aclose()

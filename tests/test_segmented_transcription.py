@@ -1,0 +1,207 @@
+"""Segmented transcription through the HTTP API: real speech, the real local model, and the
+OpenAI path against the tests' OpenAI-compatible server (real SDK, real model behind it)."""
+
+from __future__ import annotations
+
+import itertools
+import re
+import wave
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from vrai_stream.settings import Settings
+
+from .support.audio import has_words, run_ffmpeg, speak
+from .support.client import chunked
+from .support.fake_openai import FakeOpenAI
+from .support.server import Server, start_server, start_servers
+
+pytestmark = pytest.mark.anyio
+
+SPEECH = Path(__file__).resolve().parents[1].parent / "shared" / "speech"
+PHRASE_WORDS = ("please", "call", "ask", "come", "bring", "fresh", "peas", "brother")
+PASSAGE = "L1_ljspeech_LJ028-0030_to_0039"
+"""72 s of one reader: a passage of the Babylon chapter, with its reference text."""
+
+
+def words(text: str) -> list[str]:
+    return re.sub(r"[^a-z0-9' ]+", " ", text.lower().replace("-", " ")).split()
+
+
+def word_errors(reference: list[str], hypothesis: list[str]) -> int:
+    previous = list(range(len(hypothesis) + 1))
+    for i, ref in enumerate(reference, 1):
+        current = [i]
+        for j, hyp in enumerate(hypothesis, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ref != hyp)))
+        previous = current
+    return previous[-1]
+
+
+@pytest.fixture(scope="module")
+def local_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Server]]:
+    base = tmp_path_factory.mktemp("segmented")
+    servers = start_servers(
+        {
+            mode: (base / mode, {"VRAI_TRANSCRIBE_MODE": mode, "VRAI_MAX_WINDOW_SECONDS": "600"})
+            for mode in ("segments", "whole")
+        }
+    )
+    yield servers
+    for server in servers.values():
+        server.stop()
+
+
+async def _transcribe(server: Server, audio: bytes, query: str = "") -> dict[str, object]:
+    async with httpx.AsyncClient(base_url=server.url, timeout=180) as client:
+        response = await client.post(f"/v1/transcriptions{query}", content=chunked(audio))
+    assert response.status_code == 200, response.text
+    body: dict[str, object] = response.json()
+    return body
+
+
+async def test_real_speech_segmented_reads_as_well_as_the_whole_window(
+    local_servers: dict[str, Server],
+) -> None:
+    audio = (SPEECH / f"{PASSAGE}.flac").read_bytes()
+    reference = words((SPEECH / f"{PASSAGE}.txt").read_text())
+    segmented = await _transcribe(local_servers["segments"], audio)
+    whole = await _transcribe(local_servers["whole"], audio)
+    heard = {
+        mode: words(str(body["transcription"]))
+        for mode, body in (("segments", segmented), ("whole", whole))
+    }
+    errors = {mode: word_errors(reference, hypothesis) for mode, hypothesis in heard.items()}
+    # Words in order, none lost or doubled at the joins: as good as one whole-window pass.
+    assert errors["segments"] <= errors["whole"] + 0.02 * len(reference), errors
+    assert abs(len(heard["segments"]) - len(reference)) <= 0.05 * len(reference)
+    for body in (segmented, whole):
+        assert body["duration"] == pytest.approx(71.66, abs=0.25)
+
+    parts = segmented["segments"]
+    assert isinstance(parts, list) and len(parts) >= 72 // Settings.segment_max_seconds
+    starts = [part["start"] for part in parts]
+    assert starts == sorted(starts)
+    for before, after in itertools.pairwise(parts):
+        assert before["end"] <= after["start"] + 0.05
+    assert parts[-1]["end"] <= float(str(segmented["duration"])) + 0.05
+    assert " ".join(part["text"] for part in parts) == segmented["transcription"]
+
+
+async def test_a_silent_window_sends_nothing_to_the_model(
+    local_servers: dict[str, Server], tmp_path: Path
+) -> None:
+    silence = tmp_path / "silence.wav"
+    run_ffmpeg("-f", "lavfi", "-i", "anullsrc=r=16000:cl=mono:d=40", str(silence))
+    body = await _transcribe(local_servers["segments"], silence.read_bytes())
+    assert body["transcription"] == ""
+    assert body["segments"] == []
+    assert body["duration"] == pytest.approx(40.0, abs=0.25)
+
+
+# --- the OpenAI path: segments in parallel, each retried on its own ------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_phrases(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, float]:
+    """A phrase, 9 s of silence, another phrase: WAV, and where the second phrase begins.
+
+    Each phrase is shorter than the server's minimum segment (4 s): one segment each.
+    """
+    folder = tmp_path_factory.mktemp("phrases")
+    speak("Please call Stella and ask her to come.", folder / "a.wav")
+    speak("Bring fresh snow peas for her brother.", folder / "b.wav")
+    run_ffmpeg(
+        "-i", str(folder / "a.wav"),
+        "-f", "lavfi", "-i", "anullsrc=r=22050:cl=mono:d=9",
+        "-i", str(folder / "b.wav"),
+        "-filter_complex", "[0:a][1:a][2:a]concat=n=3:v=0:a=1",
+        str(folder / "both.wav"),
+    )  # fmt: skip
+    return (folder / "both.wav").read_bytes(), _seconds(folder / "a.wav") + 9.0
+
+
+def _seconds(path: Path) -> float:
+    with wave.open(str(path)) as audio:
+        return audio.getnframes() / audio.getframerate()
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[FakeOpenAI]:
+    with FakeOpenAI() as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def openai_server(
+    tmp_path_factory: pytest.TempPathFactory, upstream: FakeOpenAI
+) -> Iterator[Server]:
+    running = start_server(
+        tmp_path_factory.mktemp("segmented-openai"),
+        {**upstream.server_env(), "VRAI_SEGMENT_MIN_SECONDS": "4", "VRAI_OPENAI_MAX_RETRIES": "2"},
+    )
+    yield running
+    running.stop()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_upstream(upstream: FakeOpenAI) -> None:
+    upstream.reset()
+
+
+async def test_timestamps_come_from_our_cuts_for_a_model_without_any(
+    openai_server: Server, upstream: FakeOpenAI, two_phrases: tuple[bytes, float]
+) -> None:
+    audio, second_starts = two_phrases
+    async with httpx.AsyncClient(base_url=openai_server.url, timeout=120) as client:
+        for response_format in ("srt", "vtt", "verbose_json"):
+            response = await client.post(
+                "/v1/audio/transcriptions",
+                files={"file": ("phrases.wav", audio, "audio/wav")},
+                data={"model": "gpt-transcribe", "response_format": response_format},
+            )
+            assert response.status_code == 200, response.text
+            starts = _cue_starts(response, response_format)
+            assert len(starts) == 2, response.text
+            assert starts[0] == pytest.approx(0.0, abs=0.5)
+            assert starts[1] == pytest.approx(second_starts, abs=0.5)
+    # What the upstream saw: the default model, asked for JSON only, one segment each.
+    seen = upstream.transcription_requests
+    assert {request.form.get("model") for request in seen} == {"gpt-transcribe"}
+    assert all(request.form.get("response_format") == "json" for request in seen)
+    assert len(seen) == 3 * 2
+
+
+def _cue_starts(response: httpx.Response, response_format: str) -> list[float]:
+    if response_format == "verbose_json":
+        return [segment["start"] for segment in response.json()["segments"]]
+    separator = "," if response_format == "srt" else "."
+    found = re.findall(rf"(\d\d):(\d\d):(\d\d){separator}(\d\d\d) -->", response.text)
+    return [int(h) * 3600 + int(m) * 60 + int(s) + int(ms) / 1000 for h, m, s, ms in found]
+
+
+async def test_a_segment_that_fails_once_is_retried_on_its_own(
+    openai_server: Server, upstream: FakeOpenAI, two_phrases: tuple[bytes, float]
+) -> None:
+    audio, _ = two_phrases
+    upstream.fail_next(1, status=500)
+    body = await _transcribe(openai_server, audio)
+    assert has_words(str(body["transcription"]), PHRASE_WORDS, at_least=5), body["transcription"]
+    # Two segments, one of them sent twice: the other was never sent again.
+    assert len(upstream.transcription_requests) == 3
+
+
+async def test_a_segment_that_fails_for_good_fails_the_request_with_502(
+    openai_server: Server, upstream: FakeOpenAI, two_phrases: tuple[bytes, float]
+) -> None:
+    audio, _ = two_phrases
+    upstream.fail_always(500)
+    async with httpx.AsyncClient(base_url=openai_server.url, timeout=120) as client:
+        response = await client.post("/v1/transcriptions", content=chunked(audio))
+    assert response.status_code == 502, response.text
+    assert response.json()["code"] == "transcription_failed"
+    openai_server.wait_idle()
+    assert openai_server.children() == []
