@@ -23,7 +23,6 @@ from vrai_stream.debug_store.base import CopyContext, DebugCopies, DebugStore
 from vrai_stream.media.failures import explain_failure
 from vrai_stream.media.ffmpeg import build_command
 from vrai_stream.media.ffmpeg_job import FfmpegJob, PcmPipe, run_ffmpeg
-from vrai_stream.media.mp3 import mp3_duration
 from vrai_stream.media.sniff import SNIFF_LIMIT_BYTES, Layout, Mode, pipe_filter, sniff
 from vrai_stream.media.window import Window
 from vrai_stream.settings import ANONYMOUS, Settings
@@ -318,19 +317,18 @@ class Pipeline:
         ).inc()
         if outcome.returncode != 0:
             return explain_failure(outcome, self._settings.retry_after_seconds)
-        mp3 = output.read_all()
-        copies.add_output(mp3)
-        result.mp3_size = len(mp3)
-        result.duration = mp3_duration(mp3)
+        result.mp3_size = output.size
+        result.duration = ffmpeg.mp3.seconds
+        if copies.keeps_output and result.duration > 0:
+            copies.add_output(output.read_all())
         if result.duration <= 0:
             return errors.NoAudioInWindow(
                 f"The recording has no audio between {spec.window.start:g} s "
                 f"and {spec.window.end:g} s"
             )
         if spec.want_mp3:
-            result.mp3 = mp3
+            result.mp3 = output.read_all()
             return None
-        del mp3
         if segments is not None:
             # Only the last segment is left to transcribe: the rest was heard as it came.
             try:

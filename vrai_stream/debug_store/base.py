@@ -53,6 +53,9 @@ class CopyContext:
 class DebugCopies(Protocol):
     """One job's copies.  Every method but `settle` returns at once and never raises."""
 
+    keeps_output: bool
+    """Whether `add_output` keeps anything: if not, nobody reads the MP3 back for it."""
+
     def start_input(self, layout: InputFormat) -> None:
         """The upload's container is known: its copy can be named and started."""
 
@@ -91,6 +94,8 @@ class DebugStore(Protocol):
 
 class NoCopies:
     """`VRAI_DEBUG_STORE=off`: copies of nothing."""
+
+    keeps_output = False
 
     def start_input(self, layout: InputFormat) -> None:
         return None

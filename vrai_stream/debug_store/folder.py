@@ -183,6 +183,8 @@ def _mib(size: int) -> str:
 class FolderCopies:
     """Writes the upload to `<key>.partial` as it arrives, renamed once it is whole."""
 
+    keeps_output = True
+
     def __init__(
         self, root: Path, context: CopyContext, retention: Retention, *, keep_on_success: bool
     ) -> None:

@@ -302,6 +302,8 @@ class StreamingUpload:
 class S3Copies:
     """One job's copies: streamed when sampled, else held locally until the outcome is known."""
 
+    keeps_output = True
+
     def __init__(self, store: S3Store, context: CopyContext, *, sampled: bool) -> None:
         self._store = store
         self._context = context

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import anyio
 
 from vrai_stream.media.child_process import ChildProcess, PipeReader, spawn
+from vrai_stream.media.mp3 import Mp3Frames
 from vrai_stream.spool import Spool
 
 STDERR_TAIL_BYTES = 4096
@@ -123,6 +124,8 @@ class FfmpegJob:
     ) -> None:
         self._process = process
         self.output = output
+        self.mp3 = Mp3Frames()
+        """The MP3's length as it is written: nobody reads it back to learn it."""
         self._pcm = pcm
         self._timeout_after_input = timeout_after_input
         self._stderr_tail: deque[bytes] = deque()
@@ -186,6 +189,7 @@ class FfmpegJob:
         assert self._process.stdout is not None
         async for chunk in self._process.stdout:
             self.output.write(chunk)
+            self.mp3.feed(chunk)
 
     async def _drain_stderr(self) -> None:
         assert self._process.stderr is not None
