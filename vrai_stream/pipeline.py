@@ -332,7 +332,11 @@ class Pipeline:
         if segments is not None:
             # Only the last segment is left to transcribe: the rest was heard as it came.
             try:
-                result.transcript, result.timings.transcribe = await segments.outcome()
+                result.transcript, result.timings.transcribe = await segments.outcome(
+                    self._settings.openai_deadline_seconds
+                    if self._settings.transcriber == "openai"
+                    else None
+                )
             except errors.ServiceError as exc:
                 return exc
             finally:
@@ -436,9 +440,19 @@ class _Segments:
             self._seconds = anyio.current_time() - began
             self._done.set()
 
-    async def outcome(self) -> tuple[Transcript, float]:
-        """The stitched transcript and the time spent transcribing, or the failure."""
-        await self._done.wait()
+    async def outcome(self, deadline: float | None) -> tuple[Transcript, float]:
+        """The stitched transcript and the time spent transcribing, or the failure.
+
+        `deadline`: how long the segments still in flight when the audio ends may take.
+        """
+        try:
+            with anyio.fail_after(deadline):
+                await self._done.wait()
+        except TimeoutError:
+            self.stop()
+            raise errors.TranscriptionTimeout(
+                "The transcription service did not answer in time"
+            ) from None
         if self._failure is not None:
             raise self._failure
         assert self._transcript is not None
