@@ -4,6 +4,10 @@ Authentication and admission come before one byte of the body is read; then the
 pipeline; then the optional summary.  `endpoint` wraps a handler: the handler returns its
 `Response`, a `ServiceError` it raises becomes the JSON error, and every request is logged
 and counted once, whatever happened.
+
+A request that may be answered with events (`Accept: text/event-stream`, or an endpoint
+whose form says so) runs its handler inside an `EventStream` instead, which outlives the
+handler's call: the stream logs and counts the request when its answer is over.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import functools
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from contextlib import asynccontextmanager
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import anyio
 from starlette.requests import ClientDisconnect, Request
@@ -21,40 +25,46 @@ from starlette.responses import Response
 from vrai_stream import errors, metrics
 from vrai_stream.bodies.forms import BodyDecoder, Upload, read_upload
 from vrai_stream.bodies.limits import BodyMeter, limited
-from vrai_stream.http.responses import error_response
-from vrai_stream.pipeline import JobResult, JobSpec
+from vrai_stream.http.events import Events, EventStream, ServerSentEvent
+from vrai_stream.http.responses import error_body, error_response
+from vrai_stream.pipeline import JobListener, JobResult, JobSpec
 from vrai_stream.services import Services
 from vrai_stream.settings import ANONYMOUS, MiB
 from vrai_stream.speech.summarize import SummarizationType
 from vrai_stream.telemetry import log_request
 
 ErrorStyle = Literal["service", "openai"]
-Handler = Callable[["Job"], Awaitable[Response]]
+Answer = Response | ServerSentEvent
+"""A response, or the last event of an answer that opened its events (`Job.open_events`)."""
+Handler = Callable[["Job"], Awaitable[Answer]]
+Listener = TypeVar("Listener", bound=JobListener)
 
 
 def endpoint(
-    name: str, *, error_style: ErrorStyle = "service"
+    name: str, *, error_style: ErrorStyle = "service", events_in_form: bool = False
 ) -> Callable[[Handler], Callable[[Request], Awaitable[Response]]]:
-    """Make `handler(job)` a Starlette endpoint that renders errors, logs and counts."""
+    """Make `handler(job)` a Starlette endpoint that renders errors, logs and counts.
+
+    `events_in_form`: whether to answer with events is a form field, known only once the
+    body is being read, so every request to the endpoint runs in an `EventStream`.
+    """
 
     def wrap(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         @functools.wraps(handler)
         async def run(request: Request) -> Response:
-            job = Job(request, name)
+            job = Job(request, name, error_style)
+            if events_in_form or job.wants_events:
+                return job.answer_later(handler)
             try:
                 response = await handler(job)
             except errors.ServiceError as exc:
-                job.failure = exc
-                response = error_response(exc, job.request_id, openai=error_style == "openai")
-                if not job.body_started:
-                    # Refused before reading: close, or the client would upload it all for nothing.
-                    response.headers["Connection"] = "close"
                 job.record(code=exc.code, status=exc.status)
-                return response
+                return job.error_response(exc)
             except BaseException as exc:
                 cancelled = isinstance(exc, anyio.get_cancelled_exc_class())
                 job.record(code="cancelled" if cancelled else "bug", status=500)
                 raise
+            assert isinstance(response, Response), "events are opened only in an EventStream"
             job.record(code="ok", status=response.status_code)
             return response
 
@@ -66,9 +76,10 @@ def endpoint(
 class Job:
     """One request to an audio endpoint: who asks, its body, its result, its log line."""
 
-    def __init__(self, request: Request, endpoint: str):
+    def __init__(self, request: Request, endpoint: str, error_style: ErrorStyle = "service"):
         self.request = request
         self.endpoint = endpoint
+        self.error_style = error_style
         self.services: Services = request.app.state.services
         self.request_id = uuid.uuid4().hex
         self.user_id = ANONYMOUS
@@ -77,6 +88,11 @@ class Job:
         self.failure: errors.ServiceError | None = None
         self.summary_fields: dict[str, str] = {}
         self.body_started = False
+        self.body_read = anyio.Event()
+        """Set once the body has been read to its end."""
+        self.events: Events | None = None
+        """The answer's events, when it may be events (see `answer_later`)."""
+        self.listener: JobListener | None = None
 
     async def authenticate(self) -> None:
         """Who is asking, from the Authorization header; a 401 never reads the body."""
@@ -99,7 +115,42 @@ class Job:
 
     def body(self) -> AsyncIterator[bytes]:
         self.body_started = True
-        return request_body(self.request)
+        return request_body(self.request, self.body_read)
+
+    @property
+    def wants_events(self) -> bool:
+        return "text/event-stream" in self.request.headers.get("accept", "")
+
+    def answer_later(self, handler: Handler) -> EventStream:
+        """Run `handler` inside the answer, which it may turn into events (`open_events`)."""
+        self.events = Events()
+        return EventStream(
+            lambda events: handler(self),
+            self.events,
+            request_id=self.request_id,
+            body_read=self.body_read,
+            refusal=self.error_response,
+            error_event=lambda exc: ServerSentEvent("error", self.error_body(exc)),
+            finished=lambda code, status: self.record(code=code, status=status),
+        )
+
+    def open_events(self, make_listener: Callable[[Events], Listener]) -> Listener:
+        """Answer with events from now on (the headers go out), told by the job's listener."""
+        assert self.events is not None, "only an answer given later can be events"
+        self.events.open()
+        self.listener = make_listener(self.events)
+        return self.listener
+
+    def error_body(self, exc: errors.ServiceError) -> dict[str, Any]:
+        return error_body(exc, self.request_id, openai=self.error_style == "openai")
+
+    def error_response(self, exc: errors.ServiceError) -> Response:
+        self.failure = exc
+        response = error_response(exc, self.request_id, openai=self.error_style == "openai")
+        if not self.body_started:
+            # Refused before reading: close, or the client would upload it all for nothing.
+            response.headers["Connection"] = "close"
+        return response
 
     async def read_upload(self, decoder: BodyDecoder, required: Collection[str]) -> Upload:
         """Read a form or JSON body until the fields in `required` are known (see `uploads`)."""
@@ -123,7 +174,7 @@ class Job:
 
     async def run(self, spec: JobSpec, audio: AsyncIterator[bytes]) -> JobResult:
         result = self.new_result(spec)
-        await self.services.pipeline.run(spec, audio, result)
+        await self.services.pipeline.run(spec, audio, result, self.listener)
         return result
 
     async def summarize(self, kind: SummarizationType, transcript: str) -> dict[str, str]:
@@ -156,6 +207,8 @@ class Job:
             fields.update(result.log_fields())
             fields["audioSeconds"] = result.duration
             _count_job(result, self.user_id)
+        if self.events is not None and self.events.opened:
+            fields["answer"] = "events"
         metrics.REQUESTS.labels(endpoint=self.endpoint, code=code).inc()
         log_request(fields)
 
@@ -196,10 +249,15 @@ def check_declared_length(headers: Mapping[str, str], max_body_bytes: int) -> No
         raise errors.EmptyBody("The request has no body; send the audio as the request body")
 
 
-async def request_body(request: Request) -> AsyncIterator[bytes]:
-    """The body's chunks as they arrive; a vanished client becomes a `ClientDisconnected`."""
+async def request_body(request: Request, read: anyio.Event | None = None) -> AsyncIterator[bytes]:
+    """The body's chunks as they arrive; a vanished client becomes a `ClientDisconnected`.
+
+    `read` is set once the last chunk has been taken.
+    """
     try:
         async for chunk in request.stream():
             yield chunk
     except ClientDisconnect:
         raise errors.ClientDisconnected("The client disconnected during the upload") from None
+    if read is not None:
+        read.set()

@@ -52,11 +52,18 @@ def error_response(
 ) -> JSONResponse:
     """The error shape; `openai` adds OpenAI's `error` object, which OpenAI SDKs read."""
     headers = {"X-Request-Id": request_id, **_error_headers(exc)}
+    return JSONResponse(error_body(exc, request_id, openai=openai), exc.status, headers=headers)
+
+
+def error_body(
+    exc: errors.ServiceError, request_id: str, *, openai: bool = False
+) -> dict[str, Any]:
+    """The error response's body (also the data of an `error` event)."""
     body = exc.body(request_id)
     if openai:
         kind = "invalid_request_error" if exc.status < 500 else "server_error"
         body["error"] = {"message": exc.message, "type": kind, "code": exc.code, "param": None}
-    return JSONResponse(body, status_code=exc.status, headers=headers)
+    return body
 
 
 def _error_headers(exc: errors.ServiceError) -> dict[str, str]:

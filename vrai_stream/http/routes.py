@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse
 
 from vrai_stream import errors
 from vrai_stream.bodies.forms import BodyDecoder, Upload
 from vrai_stream.bodies.legacy_json import BLOB_FIELD, LegacyJsonDecoder
 from vrai_stream.bodies.multipart import LEGACY_FILE_FIELD, OPENAI_FILE_FIELD, MultipartDecoder
-from vrai_stream.http.endpoint import Job, endpoint
+from vrai_stream.http.endpoint import Answer, Job, endpoint
+from vrai_stream.http.events import SegmentEvents, ServerSentEvent, TextDeltas
 from vrai_stream.http.request_shape import (
     RAW_ENDPOINT,
     check_no_body_fields_in_query,
@@ -30,7 +31,7 @@ RAW_QUERY = ("fromTime", "toTime", "summarizationType", "language", "prompt", "k
 
 
 @endpoint("transcriptions")
-async def transcriptions(job: Job) -> Response:
+async def transcriptions(job: Job) -> Answer:
     """`POST /v1/transcriptions`: raw audio in the body, the window in the query."""
     request = job.request
     await job.authenticate()
@@ -59,6 +60,8 @@ async def transcriptions(job: Job) -> Response:
         options=options,
     )
     async with job.admitted():
+        if job.events is not None and not want_mp3:
+            job.open_events(SegmentEvents)  # `Accept: text/event-stream`: events from here on
         result = await job.run(spec, refuse_forms_and_json(job.body()))
     if result.mp3 is not None:
         return mp3_response(result)
@@ -72,13 +75,13 @@ LEGACY_FIELDS = (*LEGACY_TIMES, "summarizationType")
 
 
 @endpoint("legacy-json")
-async def trim_and_transcribe(job: Job) -> Response:
+async def trim_and_transcribe(job: Job) -> Answer:
     """`POST /trim-and-transcribe`: the old app's JSON, the recording base64 in `fileBlob`."""
     return await _legacy(job, LegacyJsonDecoder, (BLOB_FIELD, *LEGACY_FIELDS), "JSON body")
 
 
 @endpoint("legacy-multipart")
-async def trim_and_transcribe_multipart(job: Job) -> Response:
+async def trim_and_transcribe_multipart(job: Job) -> Answer:
     """`POST /trim-and-transcribe-multipart`: the old app's form, the recording in `audio`."""
 
     def decoder() -> BodyDecoder:
@@ -96,7 +99,7 @@ async def _legacy(
     make_decoder: Callable[[], BodyDecoder],
     body_fields: tuple[str, ...],
     body: str,
-) -> Response:
+) -> Answer:
     request = job.request
     await job.authenticate()
     check_no_body_fields_in_query(
@@ -117,6 +120,8 @@ async def _legacy(
         # Refuse an unknown or unavailable summary before transcribing, when it came first.
         summary = _requested_summary(job, upload)
         spec = JobSpec(request_id=job.request_id, window=window, user_id=job.user_id)
+        if job.events is not None:
+            job.open_events(SegmentEvents)
         result = await job.run(spec, upload.audio)
         if summary is None:  # sent after the recording, or not at all: known only now
             summary = _requested_summary(job, upload) or SummarizationType.NONE
@@ -141,13 +146,14 @@ OPENAI_FIELDS = (
     "prompt",
     "response_format",
     "temperature",
+    "stream",
     *(name + suffix for name in OPENAI_ARRAYS for suffix in ("", "[]")),
     *LEGACY_TIMES,
 )
 
 
-@endpoint("openai", error_style="openai")
-async def openai_transcriptions(job: Job) -> Response:
+@endpoint("openai", error_style="openai", events_in_form=True)
+async def openai_transcriptions(job: Job) -> Answer:
     """`POST /v1/audio/transcriptions`: OpenAI's API, so any OpenAI SDK can point here."""
     request = job.request
     await job.authenticate()
@@ -167,6 +173,7 @@ async def openai_transcriptions(job: Job) -> Response:
     async with job.admitted(), await job.read_upload(decoder, ("model",)) as upload:
         fields = _text_fields(upload)
         response_format = _response_format(fields.get("response_format"))
+        stream = _stream(fields.get("stream"), response_format)
         window = parse_window(fields, max_window_seconds=settings.max_window_seconds)
         spec = JobSpec(
             request_id=job.request_id,
@@ -179,18 +186,29 @@ async def openai_transcriptions(job: Job) -> Response:
                 temperature=_temperature(fields.get("temperature")),
             ),
         )
+        deltas = job.open_events(TextDeltas) if stream else None
         result = await job.run(spec, upload.audio)
     transcript = result.transcript or Transcript(text="")
+    if deltas is not None:
+        return deltas.done(transcript.text)
     response = transcript_response(transcript, response_format, result.duration)
     response.headers["X-Request-Id"] = job.request_id
     return response
 
 
-async def _transcript_response(job: Job, result: JobResult, summary: SummarizationType) -> Response:
-    """The contract's success body, with `summary` or `summaryError` when one was asked for."""
+async def _transcript_response(job: Job, result: JobResult, summary: SummarizationType) -> Answer:
+    """The contract's success body, with `summary` or `summaryError` when one was asked for.
+
+    As events: the `summary` event (when asked for), then `done` with the same body.
+    """
     text = result.transcript.text if result.transcript else ""
     extra = await job.summarize(summary, text)
-    return JSONResponse({**success_body(result), **extra}, headers={"X-Request-Id": job.request_id})
+    body = {**success_body(result), **extra}
+    if job.events is not None and job.events.opened:
+        if extra:
+            job.events.send(ServerSentEvent("summary", extra))
+        return ServerSentEvent("done", body)
+    return JSONResponse(body, headers={"X-Request-Id": job.request_id})
 
 
 def _text_fields(upload: Upload) -> dict[str, str]:
@@ -242,6 +260,20 @@ def _response_format(raw: str | None) -> ResponseFormat:
     raise errors.InvalidParameters(
         f"response_format must be one of {', '.join(RESPONSE_FORMATS)}; got {raw[:40]!r}"
     )
+
+
+def _stream(raw: str | None, response_format: ResponseFormat) -> bool:
+    """`stream=true`: OpenAI's transcript events.  Read when the file begins, so, as OpenAI's
+    SDKs do, a client sends it before the file (sent after it, it comes too late to count)."""
+    if raw is None or raw.lower() in ("", "false", "0"):
+        return False
+    if raw.lower() not in ("true", "1"):
+        raise errors.InvalidParameters(f"stream must be true or false; got {raw[:40]!r}")
+    if response_format not in ("json", "text"):
+        raise errors.InvalidParameters(
+            f"stream=true answers text events; response_format {response_format} cannot stream"
+        )
+    return True
 
 
 def _temperature(raw: str | None) -> float | None:
