@@ -21,7 +21,7 @@ from starlette.routing import Route
 
 from vrai_stream import errors, metrics
 from vrai_stream.heap import trim_when_idle
-from vrai_stream.http import routes
+from vrai_stream.http import page, routes
 from vrai_stream.http.openapi import build_openapi
 from vrai_stream.http.responses import error_response
 from vrai_stream.media.child_process import kill_unreaped
@@ -74,6 +74,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     return Starlette(
         routes=[
+            Route("/", page.index, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
             Route("/metrics", prometheus_metrics, methods=["GET"]),
             Route("/openapi.json", openapi_document, methods=["GET"]),

@@ -73,6 +73,12 @@ _FORM_ERRORS = (
 )
 
 _SECONDS = {"type": "number", "minimum": 0}
+_EVENTS = {
+    "schema": {
+        "type": "string",
+        "description": "Server-Sent Events: each an `event:` line and one line of JSON `data:`.",
+    }
+}
 
 
 def _window_parameters() -> list[dict[str, Any]]:
@@ -207,6 +213,18 @@ def build_openapi() -> dict[str, Any]:
         },
         "security": [{"bearer": []}, {}],
         "paths": {
+            "/": {
+                "get": {
+                    "summary": "A page to try the service: pick or record a file, see its words.",
+                    "security": [],
+                    "responses": {
+                        "200": {
+                            "description": "The page (HTML, script and style inline)",
+                            "content": {"text/html": {"schema": {"type": "string"}}},
+                        }
+                    },
+                }
+            },
             "/health": {
                 "get": {
                     "summary": "Liveness: 200 as soon as the process listens.",
@@ -241,10 +259,15 @@ def build_openapi() -> dict[str, Any]:
                     },
                     "responses": {
                         "200": {
-                            "description": "The transcript, or with `Accept: audio/mpeg` the MP3.",
+                            "description": (
+                                "The transcript, or with `Accept: audio/mpeg` the MP3, or with "
+                                "`Accept: text/event-stream` events: `progress`, `segment`, "
+                                "`summary`, then `done` (this body) or `error` (the error body)."
+                            ),
                             "content": {
                                 "application/json": {"schema": success_ref},
                                 "audio/mpeg": {"schema": {"type": "string", "format": "binary"}},
+                                "text/event-stream": _EVENTS,
                             },
                         },
                         **_error_responses(*_RAW_ERRORS),
@@ -262,7 +285,7 @@ def build_openapi() -> dict[str, Any]:
                         **_legacy_fields(),
                     },
                 },
-                {"application/json": {"schema": success_ref}},
+                {"application/json": {"schema": success_ref}, "text/event-stream": _EVENTS},
                 _JSON_ERRORS,
             ),
             "/trim-and-transcribe-multipart": _body_operation(
@@ -276,7 +299,7 @@ def build_openapi() -> dict[str, Any]:
                         **_legacy_fields(),
                     },
                 },
-                {"application/json": {"schema": success_ref}},
+                {"application/json": {"schema": success_ref}, "text/event-stream": _EVENTS},
                 _FORM_ERRORS,
             ),
             "/v1/audio/transcriptions": _body_operation(
@@ -297,6 +320,11 @@ def build_openapi() -> dict[str, Any]:
                         },
                         "response_format": {"enum": list(RESPONSE_FORMATS)},
                         "temperature": {"type": "number", "minimum": 0, "maximum": 1},
+                        "stream": {
+                            "type": "boolean",
+                            "description": "OpenAI's `transcript.text.delta` and "
+                            "`transcript.text.done` events (response_format json or text).",
+                        },
                         "fromTime": _SECONDS,
                         "toTime": _SECONDS,
                     },
@@ -305,6 +333,7 @@ def build_openapi() -> dict[str, Any]:
                     "application/json": {"schema": {"type": "object"}},
                     "text/plain": {"schema": {"type": "string"}},
                     "text/vtt": {"schema": {"type": "string"}},
+                    "text/event-stream": _EVENTS,
                 },
                 _FORM_ERRORS,
             ),
