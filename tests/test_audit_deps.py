@@ -6,24 +6,11 @@ that its verdict is seen to depend on the lock, never on what the index publishe
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
-from types import ModuleType
 
-SCRIPT = Path(__file__).resolve().parents[1] / ".ci" / "audit_deps.py"
+from .support.ci_scripts import CI, load
 
-
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("audit_deps", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["audit_deps"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-audit = _load()
+audit = load("audit_deps")
 Pin, Record = audit.Pin, audit.Record
 
 ADVISORY = {"id": "PYSEC-2099-1", "fixed_in": ["2.0.1"], "withdrawn": None}
@@ -120,7 +107,7 @@ source = { editable = "." }
 
 
 def test_the_real_lock_is_read() -> None:
-    pins = audit.read_pins(SCRIPT.parents[1] / "uv.lock")
+    pins = audit.read_pins(CI.parent / "uv.lock")
     names = {pin.name for pin in pins}
     # the runtime, the `local` extra and the `dev` extra are all in the one lock
     assert {"starlette", "openai", "faster-whisper", "pytest", "moto"} <= names

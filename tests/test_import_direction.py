@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
-from types import ModuleType
 
-ROOT = Path(__file__).resolve().parents[1]
+from .support.ci_scripts import CI, load
 
-
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "check_imports", ROOT / ".ci" / "check_imports.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["check_imports"] = module
-    spec.loader.exec_module(module)
-    return module
+ROOT = CI.parent
 
 
-check_imports = _load()
+check_imports = load("check_imports")
 
 
 def _package(tmp_path: Path, files: dict[str, str]) -> Path:
