@@ -9,6 +9,7 @@ import wave
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import httpx
 import pytest
 
@@ -18,6 +19,8 @@ from .support.audio import has_words, run_ffmpeg, speak
 from .support.client import chunked
 from .support.fake_openai import FakeOpenAI
 from .support.server import Server, start_server, start_servers
+from .support.sse import RawEvents
+from .test_errors import CHUNKED, chunk_frame, raw_connection, request_head
 
 pytestmark = pytest.mark.anyio
 
@@ -205,3 +208,42 @@ async def test_a_segment_that_fails_for_good_fails_the_request_with_502(
     assert response.json()["code"] == "transcription_failed"
     openai_server.wait_idle()
     assert openai_server.children() == []
+
+
+# --- a segment's text reaches the client while it is still uploading ----------------------------
+
+
+async def test_a_segment_arrives_before_the_last_byte_is_sent(
+    local_servers: dict[str, Server],
+) -> None:
+    """Half the recording is sent, then the test waits: a `segment` event must come while the
+    rest has not been sent at all; then the rest, and `done` holds that segment's words."""
+    server = local_servers["segments"]
+    audio = (SPEECH / f"{PASSAGE}.flac").read_bytes()
+    frames = [chunk_frame(audio[i : i + 16384]) for i in range(0, len(audio), 16384)]
+    half = len(frames) // 2
+    async with raw_connection(server) as stream:
+        headers = {**CHUNKED, "Accept": "text/event-stream"}
+        await stream.send(request_head("/v1/transcriptions", headers))
+        answer = RawEvents(stream)
+        for frame in frames[:half]:
+            await stream.send(frame)
+        with anyio.fail_after(60):
+            await answer.head()
+            event = await answer.next_event()
+            while event is not None and event.name == "progress":
+                event = await answer.next_event()
+        assert event is not None and event.name == "segment", event
+        first = event.data
+        assert first["index"] == 0 and first["start"] < first["end"] <= 36.0
+        for frame in frames[half:]:
+            await stream.send(frame)
+        await stream.send(chunk_frame(b""))
+        with anyio.fail_after(60):
+            names = [event.name]
+            while (event := await answer.next_event()) is not None:
+                names.append(event.name)
+                last = event
+    assert names[-1] == "done", names
+    assert last.data["transcription"].startswith(first["text"])
+    server.wait_idle()

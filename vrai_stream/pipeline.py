@@ -332,7 +332,7 @@ class Pipeline:
         if segments is not None:
             # Only the last segment is left to transcribe: the rest was heard as it came.
             try:
-                result.transcript, result.timings.transcribe = await segments.outcome(
+                result.transcript = await segments.outcome(
                     self._settings.openai_deadline_seconds
                     if self._settings.transcriber == "openai"
                     else None
@@ -341,6 +341,7 @@ class Pipeline:
                 return exc
             finally:
                 result.billed_seconds = segments.billed_seconds
+                result.timings.transcribe = segments.seconds
             return None
         try:
             result.transcript = await self._transcribe(spec, output, result)
@@ -389,7 +390,8 @@ class _Segments:
         self._done = anyio.Event()
         self._transcript: Transcript | None = None
         self._failure: errors.ServiceError | None = None
-        self._seconds = 0.0
+        self._began: float | None = None
+        self._ended_at: float | None = None
         self.billed_seconds = 0.0
 
     def pcm_pipe(self) -> PcmPipe:
@@ -417,7 +419,7 @@ class _Segments:
         concurrency: int,
         limiter: anyio.CapacityLimiter | None,
     ) -> None:
-        began = anyio.current_time()
+        self._began = anyio.current_time()
         try:
             with self._scope:
                 work = SegmentedTranscription(
@@ -437,11 +439,18 @@ class _Segments:
             self._failure = exc
         finally:
             self._receive.close()
-            self._seconds = anyio.current_time() - began
+            self._ended_at = anyio.current_time()
             self._done.set()
 
-    async def outcome(self, deadline: float | None) -> tuple[Transcript, float]:
-        """The stitched transcript and the time spent transcribing, or the failure.
+    @property
+    def seconds(self) -> float:
+        """From the first segment's start to the last one's end (or to now, if still going)."""
+        if self._began is None:
+            return 0.0
+        return (self._ended_at or anyio.current_time()) - self._began
+
+    async def outcome(self, deadline: float | None) -> Transcript:
+        """The stitched transcript, or the failure.
 
         `deadline`: how long the segments still in flight when the audio ends may take.
         """
@@ -456,7 +465,7 @@ class _Segments:
         if self._failure is not None:
             raise self._failure
         assert self._transcript is not None
-        return self._transcript, self._seconds
+        return self._transcript
 
     def stop(self) -> None:
         self._scope.cancel()
