@@ -17,9 +17,9 @@ from vrai_stream.settings import Settings
 
 from .support.audio import has_words, run_ffmpeg, speak
 from .support.client import chunked
-from .support.fake_openai import FakeOpenAI
+from .support.fake_openai import FakeOpenAI, Fault
 from .support.server import Server, start_server, start_servers
-from .support.sse import RawEvents
+from .support.sse import RawEvents, parse_events
 from .test_errors import CHUNKED, chunk_frame, raw_connection, request_head
 
 pytestmark = pytest.mark.anyio
@@ -247,3 +247,32 @@ async def test_a_segment_arrives_before_the_last_byte_is_sent(
     assert names[-1] == "done", names
     assert last.data["transcription"].startswith(first["text"])
     server.wait_idle()
+
+
+async def test_events_carry_the_segments_so_far_then_the_error(
+    openai_server: Server, upstream: FakeOpenAI, two_phrases: tuple[bytes, float]
+) -> None:
+    """The first segment is heard; the second fails for good: its client sees the first
+    segment's event, then `error` with the same body a JSON answer would carry."""
+    audio, _ = two_phrases
+    async with httpx.AsyncClient(base_url=openai_server.url, timeout=120) as client:
+        plain = await client.post("/v1/transcriptions", content=chunked(audio))
+        assert plain.status_code == 200, plain.text
+        first_text = plain.json()["segments"][0]["text"]
+        upstream.reset()
+        upstream.inject(Fault(), times=1)  # the first segment is answered as usual
+        upstream.inject(Fault(status=500), times=None)  # the second never is, retries included
+        streamed = await client.post(
+            "/v1/transcriptions",
+            content=chunked(audio),
+            headers={"Accept": "text/event-stream"},
+        )
+    events = parse_events(streamed.text)
+    names = [event.name for event in events if event.name != "progress"]
+    assert names == ["segment", "error"], names
+    assert events[-1].data["code"] == "transcription_failed"
+    assert events[-1].data["status"] == 502
+    segment = next(event for event in events if event.name == "segment")
+    assert segment.data["text"] == first_text
+    openai_server.wait_idle()
+    assert openai_server.children() == []
