@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -55,3 +56,28 @@ async def test_accept_mpeg_returns_the_window_as_mp3(
     assert response.headers["content-type"] == "audio/mpeg"
     assert abs(decoded_seconds(response.content, tmp_path) - (end - start)) <= 0.25
     server.wait_idle()
+
+
+async def test_the_mp3_streams_from_its_spool_whole_or_cut_short(
+    make_server: Any, media: Path, tmp_path: Path
+) -> None:
+    """A minute's MP3 held on disk (no memory for spools): sent in pieces with its length,
+    and its file gone both after a whole answer and after a client that left half way."""
+    server = make_server(VRAI_SPOOL_MEMORY_BYTES="0")
+    audio = (media / "tone60.wav").read_bytes()
+    mpeg = {"Accept": "audio/mpeg"}
+    async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+        whole = await client.post("/v1/transcriptions", content=chunked(audio), headers=mpeg)
+        assert whole.status_code == 200, whole.text
+        assert int(whole.headers["content-length"]) == len(whole.content) > 256 * 1024
+        assert decoded_seconds(whole.content, tmp_path) == pytest.approx(60.0, abs=0.25)
+        server.wait_idle()
+        assert server.temp_files() == []
+        async with client.stream(
+            "POST", "/v1/transcriptions", content=chunked(audio), headers=mpeg
+        ) as cut_short:
+            assert cut_short.status_code == 200
+            async for _ in cut_short.aiter_raw(4096):
+                break  # hang up after the first piece
+    server.wait_idle()
+    assert server.temp_files() == []

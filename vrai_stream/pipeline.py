@@ -101,7 +101,8 @@ class JobResult:
     output_on_disk: bool = False
     layout: Layout | None = None
     transcript: Transcript | None = None
-    mp3: bytes | None = None
+    mp3: Spool | None = None
+    """For `Accept: audio/mpeg`: the MP3 itself, handed over; whoever sends it closes it."""
     billed_seconds: float = 0.0
     """Audio sent to the transcriber: the window, less segments in which nobody speaks."""
     timings: Timings = field(default_factory=Timings)
@@ -170,7 +171,12 @@ class Pipeline:
         except BaseException:
             copies.abandon()
             raise
-        await copies.settle(None)
+        try:
+            await copies.settle(None)
+        except BaseException:
+            if result.mp3 is not None:
+                result.mp3.close()  # nobody will send it now
+            raise
 
     async def _run(
         self,
@@ -184,8 +190,14 @@ class Pipeline:
         meter = BodyMeter()
         output = self.new_spool()
         try:
-            with output:
+            try:
                 await self._stream(spec, chunks, result, copies, meter, output, listener)
+            except BaseException:
+                result.mp3 = None
+                output.close()
+                raise
+            if result.mp3 is not output:
+                output.close()  # else the answer streams it, and closes it when done
         finally:
             # Even a failed job reports how much arrived and how long it took.
             result.output_on_disk = output.on_disk
@@ -327,7 +339,7 @@ class Pipeline:
                 f"and {spec.window.end:g} s"
             )
         if spec.want_mp3:
-            result.mp3 = output.read_all()
+            result.mp3 = output
             return None
         if segments is not None:
             # Only the last segment is left to transcribe: the rest was heard as it came.

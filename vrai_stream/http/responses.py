@@ -5,14 +5,21 @@ Leaves say what they mean (an error's retry delay, its challenge); the headers a
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import IO, Any
 
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+import anyio
+import anyio.to_thread
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from vrai_stream import errors
 from vrai_stream.pipeline import JobResult
 from vrai_stream.speech.formats import ResponseFormat, format_transcript
 from vrai_stream.speech.transcribers.base import Transcript
+from vrai_stream.spool import Spool
+
+SPOOL_PIECE_BYTES = 256 * 1024
 
 
 def success_body(result: JobResult) -> dict[str, Any]:
@@ -39,12 +46,34 @@ def success_body(result: JobResult) -> dict[str, Any]:
 
 
 def mp3_response(result: JobResult) -> Response:
-    """The trimmed MP3 itself, for `Accept: audio/mpeg`."""
+    """The trimmed MP3 itself, for `Accept: audio/mpeg`, streamed from its spool."""
+    assert result.mp3 is not None
     headers = {
         "X-Request-Id": result.spec.request_id,
         "X-Audio-Duration": f"{result.duration:.3f}",
+        "Content-Length": str(result.mp3.size),
     }
-    return Response(result.mp3, media_type="audio/mpeg", headers=headers)
+    return SpoolResponse(result.mp3, media_type="audio/mpeg", headers=headers)
+
+
+class SpoolResponse(StreamingResponse):
+    """Streams a spool in pieces, so a long window's MP3 is never whole in memory, and
+    closes it however the answer ends: sent, or cut short by a client that left."""
+
+    def __init__(self, spool: Spool, **kwargs: Any) -> None:
+        self._spool = spool
+        super().__init__(self._pieces(spool.reader()), **kwargs)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._spool.close()
+
+    @staticmethod
+    async def _pieces(reader: IO[bytes]) -> AsyncIterator[bytes]:
+        while piece := await anyio.to_thread.run_sync(reader.read, SPOOL_PIECE_BYTES):
+            yield piece
 
 
 def error_response(
