@@ -339,6 +339,7 @@ class Pipeline:
                 f"and {spec.window.end:g} s"
             )
         if spec.want_mp3:
+            output.reader()  # the last flush: a full disk is this job's 507, not the answer's
             result.mp3 = output
             return None
         if segments is not None:

@@ -62,7 +62,12 @@ class SpoolResponse(StreamingResponse):
 
     def __init__(self, spool: Spool, **kwargs: Any) -> None:
         self._spool = spool
-        super().__init__(self._pieces(spool.reader()), **kwargs)
+        try:
+            reader = spool.reader()
+        except BaseException:
+            spool.close()
+            raise
+        super().__init__(self._pieces(reader), **kwargs)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
