@@ -75,7 +75,7 @@ async def _transcribe(
     from vrai_stream.http.responses import success_body
     from vrai_stream.media.ffmpeg import find_ffmpeg
     from vrai_stream.media.window import parse_window
-    from vrai_stream.pipeline import JobResult, JobSpec
+    from vrai_stream.pipeline.job import JobResult, JobSpec
     from vrai_stream.services import Services
 
     request_id = uuid.uuid4().hex

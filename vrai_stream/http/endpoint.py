@@ -27,7 +27,7 @@ from vrai_stream.bodies.forms import BodyDecoder, Upload, read_upload
 from vrai_stream.bodies.limits import BodyMeter, limited
 from vrai_stream.http.events import Events, EventStream, ServerSentEvent
 from vrai_stream.http.responses import error_body, error_response
-from vrai_stream.pipeline import JobListener, JobResult, JobSpec
+from vrai_stream.pipeline.job import JobListener, JobResult, JobSpec
 from vrai_stream.services import Services
 from vrai_stream.settings import ANONYMOUS, MiB
 from vrai_stream.speech.summarize import SummarizationType

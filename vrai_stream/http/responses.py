@@ -14,7 +14,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.types import Receive, Scope, Send
 
 from vrai_stream import errors
-from vrai_stream.pipeline import JobResult
+from vrai_stream.pipeline.job import JobResult
 from vrai_stream.speech.formats import ResponseFormat, format_transcript
 from vrai_stream.speech.transcribers.base import Transcript
 from vrai_stream.spool import Spool

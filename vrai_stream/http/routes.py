@@ -21,7 +21,7 @@ from vrai_stream.http.request_shape import (
 )
 from vrai_stream.http.responses import mp3_response, success_body, transcript_response
 from vrai_stream.media.window import parse_window
-from vrai_stream.pipeline import JobResult, JobSpec
+from vrai_stream.pipeline.job import JobResult, JobSpec
 from vrai_stream.speech.formats import RESPONSE_FORMATS, ResponseFormat
 from vrai_stream.speech.languages import WHISPER_LANGUAGES, language_code
 from vrai_stream.speech.summarize import SummarizationType

@@ -1,4 +1,4 @@
-"""One job, start to finish: body -> ffmpeg -> MP3 spool -> transcript.
+"""One job, start to finish: body -> ffmpeg -> MP3 spool and segments -> transcript.
 
 The body is pumped into ffmpeg while it arrives.  When ffmpeg has its window it exits
 early; the pump keeps reading the body to its end, while transcription starts at once.
@@ -10,9 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
 
 import anyio
 from anyio.abc import TaskGroup
@@ -24,99 +22,12 @@ from vrai_stream.media.failures import explain_failure
 from vrai_stream.media.ffmpeg import build_command
 from vrai_stream.media.ffmpeg_job import FfmpegJob, PcmPipe, run_ffmpeg
 from vrai_stream.media.sniff import SNIFF_LIMIT_BYTES, Layout, Mode, pipe_filter, sniff
-from vrai_stream.media.window import Window
-from vrai_stream.settings import ANONYMOUS, Settings
-from vrai_stream.speech.segmented import SegmentedTranscription
-from vrai_stream.speech.segmenter import Cut, Segmenter
-from vrai_stream.speech.transcribers.base import (
-    Audio,
-    Segment,
-    TranscribeOptions,
-    Transcriber,
-    Transcript,
-)
+from vrai_stream.pipeline.job import JobListener, JobResult, JobSpec, SilentListener
+from vrai_stream.pipeline.segments import LiveSegments, TranscriberSource
+from vrai_stream.settings import Settings
+from vrai_stream.speech.segmenter import Segmenter
+from vrai_stream.speech.transcribers.base import Audio, Transcript
 from vrai_stream.spool import Budget, FileSpool, Spool
-
-TranscriberSource = Callable[[], Awaitable[Transcriber]]
-
-
-class JobListener(Protocol):
-    """Hears a job as it goes, so an answer can stream while the upload still arrives.
-
-    Calls come from the job's own tasks and must not block: a listener queues, never waits.
-    """
-
-    def progress(self, received_bytes: int, decoded_seconds: float) -> None:
-        """The body so far, and how much of the window ffmpeg has decoded."""
-
-    def segment(self, index: int, segment: Segment) -> None:
-        """Segment `index` is transcribed; its times are seconds from the window's start."""
-
-
-class SilentListener:
-    """The listener of a job nobody watches."""
-
-    def progress(self, received_bytes: int, decoded_seconds: float) -> None:
-        pass
-
-    def segment(self, index: int, segment: Segment) -> None:
-        pass
-
-
-@dataclass(frozen=True)
-class JobSpec:
-    request_id: str
-    window: Window
-    user_id: str = ANONYMOUS
-    want_mp3: bool = False
-    options: TranscribeOptions = field(default_factory=TranscribeOptions)
-
-
-@dataclass
-class Timings:
-    """Seconds, from the moment the job was admitted."""
-
-    receive: float = 0.0
-    transcode: float = 0.0
-    transcribe: float = 0.0
-    total: float = 0.0
-    after_last_byte: float = 0.0
-
-    def as_dict(self) -> dict[str, float]:
-        return {
-            "receive": round(self.receive, 3),
-            "transcode": round(self.transcode, 3),
-            "transcribe": round(self.transcribe, 3),
-            "total": round(self.total, 3),
-            "afterLastByte": round(self.after_last_byte, 3),
-        }
-
-
-@dataclass
-class JobResult:
-    spec: JobSpec
-    input_size: int = 0
-    mp3_size: int = 0
-    duration: float = 0.0
-    output_on_disk: bool = False
-    layout: Layout | None = None
-    transcript: Transcript | None = None
-    mp3: Spool | None = None
-    """For `Accept: audio/mpeg`: the MP3 itself, handed over; whoever sends it closes it."""
-    billed_seconds: float = 0.0
-    """Audio sent to the transcriber: the window, less segments in which nobody speaks."""
-    timings: Timings = field(default_factory=Timings)
-
-    def log_fields(self) -> dict[str, Any]:
-        return {
-            "format": self.layout.container if self.layout else None,
-            "mode": self.layout.mode.value if self.layout else None,
-            "inputSize": self.input_size,
-            "fileSize": self.mp3_size,
-            "duration": self.duration,
-            "outputSpooledToDisk": self.output_on_disk,
-            "timings": self.timings.as_dict(),
-        }
 
 
 class Pipeline:
@@ -262,13 +173,13 @@ class Pipeline:
 
     def _segments(
         self, spec: JobSpec, meter: BodyMeter, listener: JobListener, group: TaskGroup
-    ) -> _Segments | None:
+    ) -> LiveSegments | None:
         """Segmented transcription, started now: it hears the audio as ffmpeg decodes it."""
         settings = self._settings
         if spec.want_mp3 or settings.transcribe_mode != "segments":
             return None
         upstream = settings.transcriber == "openai"
-        segments = _Segments(
+        segments = LiveSegments(
             Segmenter(
                 min_seconds=settings.segment_min_seconds, max_seconds=settings.segment_max_seconds
             ),
@@ -319,7 +230,7 @@ class Pipeline:
         output: Spool,
         result: JobResult,
         copies: DebugCopies,
-        segments: _Segments | None,
+        segments: LiveSegments | None,
     ) -> errors.ServiceError | None:
         """Wait for ffmpeg, then for the transcript (or keep the MP3); return what went wrong."""
         outcome = await ffmpeg.wait()
@@ -389,100 +300,6 @@ class Pipeline:
             )
         finally:
             result.timings.transcribe = anyio.current_time() - began
-
-
-class _Segments:
-    """The segmenter fed by ffmpeg's PCM output, and the transcription of what it cuts."""
-
-    def __init__(self, segmenter: Segmenter, meter: BodyMeter, listener: JobListener) -> None:
-        self._segmenter = segmenter
-        self._meter = meter
-        self._listener = listener
-        self._send, self._receive = anyio.create_memory_object_stream[Cut](1)
-        self._scope = anyio.CancelScope()
-        self._done = anyio.Event()
-        self._transcript: Transcript | None = None
-        self._failure: errors.ServiceError | None = None
-        self._began: float | None = None
-        self._ended_at: float | None = None
-        self.billed_seconds = 0.0
-
-    def pcm_pipe(self) -> PcmPipe:
-        return PcmPipe(self._heard, self._ended)
-
-    async def _heard(self, pcm: bytes) -> None:
-        cuts = self._segmenter.feed(pcm)
-        self._listener.progress(self._meter.size, self._segmenter.decoded_seconds)
-        for cut in cuts:
-            await self._pass_on(cut)
-
-    async def _ended(self) -> None:
-        for cut in self._segmenter.finish():
-            await self._pass_on(cut)
-        self._send.close()
-
-    async def _pass_on(self, cut: Cut) -> None:
-        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
-            await self._send.send(cut)  # waits while the transcriber is behind: backpressure
-
-    async def transcribe(
-        self,
-        transcriber: TranscriberSource,
-        spec: JobSpec,
-        concurrency: int,
-        limiter: anyio.CapacityLimiter | None,
-    ) -> None:
-        self._began = anyio.current_time()
-        try:
-            with self._scope:
-                work = SegmentedTranscription(
-                    await transcriber(),
-                    spec.options,
-                    concurrency=concurrency,
-                    limiter=limiter,
-                    request_id=spec.request_id,
-                    on_segment=self._listener.segment,
-                )
-                try:
-                    self._transcript = await work.run(self._receive)
-                finally:
-                    self.billed_seconds = work.billed_seconds
-        except errors.ServiceError as exc:
-            # Reported when ffmpeg is done; the upload is still read to its end meanwhile.
-            self._failure = exc
-        finally:
-            self._receive.close()
-            self._ended_at = anyio.current_time()
-            self._done.set()
-
-    @property
-    def seconds(self) -> float:
-        """From the first segment's start to the last one's end (or to now, if still going)."""
-        if self._began is None:
-            return 0.0
-        return (self._ended_at or anyio.current_time()) - self._began
-
-    async def outcome(self, deadline: float | None) -> Transcript:
-        """The stitched transcript, or the failure.
-
-        `deadline`: how long the segments still in flight when the audio ends may take.
-        """
-        try:
-            with anyio.fail_after(deadline):
-                await self._done.wait()
-        except TimeoutError:
-            self.stop()
-            raise errors.TranscriptionTimeout(
-                "The transcription service did not answer in time"
-            ) from None
-        if self._failure is not None:
-            raise self._failure
-        assert self._transcript is not None
-        return self._transcript
-
-    def stop(self) -> None:
-        self._scope.cancel()
-        self._receive.close()
 
 
 async def _read_head(body: AsyncIterator[bytes]) -> tuple[list[bytes], Layout]:
