@@ -14,9 +14,11 @@ the local model's time and, when a JSON transcript is asked for, fails for real 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import posixpath
 import re
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,13 +27,14 @@ from urllib.parse import parse_qs, urlsplit
 import anyio
 import boto3
 import httpx
+import psutil
 import pytest
 
 from vrai_stream.debug_store.base import CopyContext, Keys, safe_segment
 from vrai_stream.media.sniff import Layout, Mode
 from vrai_stream.settings import Settings
 
-from .support.audio import decoded_seconds
+from .support.audio import decoded_seconds, run_ffmpeg
 from .support.s3_server import (
     GARBAGE,
     REGION,
@@ -97,6 +100,24 @@ def recordings(tmp_path_factory: pytest.TempPathFactory, media: Path) -> dict[st
     loaded["sentence.wav"] = (media / "sentence.wav").read_bytes()
     loaded["padded.wav"] = (media / "padded.wav").read_bytes()
     return loaded
+
+
+LONG_TONE_SECONDS = 320
+"""At 160 kb/s, the MP3 of this much audio is 6.4 MB: more than one 5 MiB part."""
+
+
+@pytest.fixture(scope="session")
+def long_tone(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """A 440 Hz tone over noise (noise: the transcriber is sent it, and fails), 8 kHz mono
+    16-bit WAV: 5.1 MB, one PUT for the input's copy."""
+    path = tmp_path_factory.mktemp("tone") / "tone.wav"
+    run_ffmpeg(
+        "-f", "lavfi", "-i", f"sine=frequency=440:sample_rate=8000:duration={LONG_TONE_SECONDS}",
+        "-f", "lavfi", "-i", f"anoisesrc=r=8000:a=0.3:s=5:d={LONG_TONE_SECONDS}",
+        "-filter_complex", "[0:a][1:a]amix=inputs=2:duration=first:normalize=0",
+        "-ac", "1", "-c:a", "pcm_s16le", str(path),
+    )  # fmt: skip
+    return path.read_bytes()
 
 
 @pytest.fixture(scope="module")
@@ -313,6 +334,100 @@ async def test_upload_over_a_part_streams_up_in_parts_while_it_arrives(
     assert mp3 == reply.content
     assert abs(decoded_seconds(mp3, tmp_path) - 5.0) <= 0.25
     assert multipart_uploads(s3, bucket) == []
+    server.wait_idle()
+
+
+async def test_an_mp3_over_a_part_streams_up_in_parts_as_ffmpeg_writes_it(
+    make_server: Any, proxy: ThrottlingProxy, s3: Any, bucket: str, long_tone: bytes,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    """The MP3's copy is teed from ffmpeg's output as it is written, never read back whole:
+    6.4 MB of it go up as a multipart upload, and the object is byte for byte the MP3 that
+    `Accept: audio/mpeg` answered."""
+    server = s3_server(make_server, proxy.url, bucket, VRAI_MP3_BITRATE_KBPS="160")
+    wait_ready(server)
+    reply = await upload(server, long_tone, window=(0, LONG_TONE_SECONDS))
+    assert reply.status == 200, reply.content[:500]
+    assert len(reply.content) > PART, len(reply.content)
+
+    keys = wait_copies(s3, bucket, reply.request_id, {"debug-input", "debug-output"})
+    out = wait_outcome(s3, bucket, keys["debug-output"], "ok")
+    assert out["ContentType"] == "audio/mpeg"
+    assert out["ContentLength"] == len(reply.content)
+    mp3 = read_object(s3, bucket, keys["debug-output"])
+    assert mp3 == reply.content
+    assert abs(decoded_seconds(mp3, tmp_path) - LONG_TONE_SECONDS) <= 0.25
+    sent = proxy.requests_for(keys["debug-output"])
+    assert sent[0] == "POST ?uploads", sent
+    part_numbers = [re.search(r"partNumber=(\d+)", line) for line in sent]
+    assert [int(found[1]) for found in part_numbers if found] == [1, 2], sent
+    assert any(line.startswith("POST ?uploadId=") for line in sent), "never completed"
+    # The input (under a part) went up in one PUT, beside it.
+    assert read_object(s3, bucket, keys["debug-input"]) == long_tone
+    assert proxy.requests_for(keys["debug-input"])[0] == "PUT"
+    assert multipart_uploads(s3, bucket) == []
+    server.wait_idle()
+
+
+async def test_an_unsampled_mp3_is_held_on_disk_and_kept_whole_when_the_job_fails(
+    make_server: Any, moto: MotoServer, s3: Any, bucket: str, long_tone: bytes,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    """VRAI_DEBUG_SAMPLE_RATE=0: the MP3, like the input, is held in a file until the outcome
+    is known; the transcriber failing after it was written keeps it whole, the file goes.
+    (The whole window is transcribed once ffmpeg is done: a segment failing mid-stream would
+    end the job before its MP3 is whole, and an MP3 never whole keeps no copy.)"""
+    server = s3_server(
+        make_server, moto.url, bucket,
+        VRAI_DEBUG_SAMPLE_RATE="0", VRAI_MP3_BITRATE_KBPS="160", VRAI_TRANSCRIBE_MODE="whole",
+    )  # fmt: skip
+    failed = await upload(server, long_tone, window=(0, LONG_TONE_SECONDS), mp3=False)
+    assert failed.status == 502, failed.content
+    body = failed.json()
+    files = body["debugFiles"]
+    assert set(files) == {"input", "output"}, files
+    mp3 = (await fetch(files["output"])).content
+    assert len(mp3) > PART, len(mp3)
+    assert abs(decoded_seconds(mp3, tmp_path) - LONG_TONE_SECONDS) <= 0.25
+    assert (await fetch(files["input"])).content == long_tone
+    kept = objects(s3, bucket)
+    assert all(posixpath.basename(key).startswith("error-") for key in kept), kept
+    assert multipart_uploads(s3, bucket) == []
+    server.wait_idle()  # the held files are gone
+
+
+async def test_an_mp3_cut_short_by_ffmpeg_dying_aborts_its_multipart_upload(
+    make_server: Any, moto: MotoServer, s3: Any, bucket: str, long_tone: bytes
+) -> None:
+    """ffmpeg is killed once the MP3's copy has begun a multipart upload: the job fails with
+    the input's error copy, and nothing of the half MP3 stays in the bucket (its multipart
+    upload aborted, no output or error-output object)."""
+    server = s3_server(make_server, moto.url, bucket, VRAI_MP3_BITRATE_KBPS="160")
+    wait_ready(server)
+    killed: list[int] = []
+
+    def kill_once_the_mp3_goes_up_in_parts(sent: int) -> None:
+        # The input (under a part) goes up in one PUT: a multipart upload is the MP3's.
+        if killed or not multipart_uploads(s3, bucket):
+            return
+        for child in server.children():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if "ffmpeg" in child.name() or any("ffmpeg" in a for a in child.cmdline()[:4]):
+                    child.send_signal(signal.SIGKILL)
+                    killed.append(child.pid)
+
+    reply = await upload(
+        server, long_tone, window=(0, LONG_TONE_SECONDS), rate=400_000,
+        on_sent=kill_once_the_mp3_goes_up_in_parts,
+    )  # fmt: skip
+    assert killed, "ffmpeg was never killed while the MP3 went up"
+    assert reply.status in (422, 503), reply.content[:500]
+    files = reply.json()["debugFiles"]
+    assert set(files) == {"input"}, files
+    assert (await fetch(files["input"])).content == long_tone
+    wait_no_multipart(s3, bucket)
+    kept = copy_keys(s3, bucket, reply.request_id)
+    assert "debug-output" not in kept and "error-output" not in kept, kept
     server.wait_idle()
 
 

@@ -2,23 +2,26 @@
 
 Only when asked for (`auto` without a bucket keeps nothing: `test_debug_store_choice.py`).
 The input is written to `<key>.partial` as it arrives and renamed once whole, the MP3 next
-to it.  A disconnect leaves no `.partial`; a failure keeps `error-*` copies and names them in
-`debugFiles`.  The folder is held to `VRAI_DEBUG_DIR_MAX_BYTES` and
-`VRAI_DEBUG_DIR_MAX_AGE_SECONDS`, oldest copies first.
+to it the same way, as ffmpeg writes it.  A disconnect leaves no `.partial`; a failure keeps
+`error-*` copies and names them in `debugFiles`.  The folder is held to
+`VRAI_DEBUG_DIR_MAX_BYTES` and `VRAI_DEBUG_DIR_MAX_AGE_SECONDS`, oldest copies first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import time
 from pathlib import Path
 from typing import Any
 
 import anyio
+import psutil
 import pytest
 
-from .support.audio import decoded_seconds
+from .support.audio import decoded_seconds, run_ffmpeg
 from .support.s3_server import (
     GARBAGE,
     disconnect_mid_upload,
@@ -44,6 +47,15 @@ def noise(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
         "small": noise_wav(folder / "small.wav", 1_000_000, seed=1).read_bytes(),
         "12MB": noise_wav(folder / "12MB.wav", 12_000_000, seed=12).read_bytes(),
     }
+
+
+def long_tone(path: Path, seconds: int) -> bytes:
+    """A 440 Hz tone, 8 kHz mono 16-bit WAV (16 kB a second)."""
+    run_ffmpeg(
+        "-f", "lavfi", "-i", f"sine=frequency=440:sample_rate=8000:duration={seconds}",
+        "-ac", "1", "-c:a", "pcm_s16le", str(path),
+    )  # fmt: skip
+    return path.read_bytes()
 
 
 def folder_server(make_server: Any, folder: Path, **extra: str) -> Server:
@@ -88,6 +100,67 @@ async def test_input_and_output_copies_appear_in_the_folder(
     assert copies["debug-output"].name.endswith(f"-{reply.request_id}.mp3")
     assert mp3 == reply.content
     assert abs(decoded_seconds(mp3, tmp_path) - 3.0) <= 0.25
+    server.wait_idle()
+
+
+async def test_a_long_mp3_is_written_as_ffmpeg_makes_it_byte_for_byte_the_answer(
+    make_server: Any, tmp_path: Path
+) -> None:
+    """Five minutes at 160 kb/s: the MP3's copy is written from ffmpeg's output as it comes
+    (to a `.partial` renamed once whole), and is exactly what `Accept: audio/mpeg` answered."""
+    tone = long_tone(tmp_path / "tone.wav", 300)
+    folder = tmp_path / "copies"
+    server = folder_server(make_server, folder, VRAI_MP3_BITRATE_KBPS="160")
+    reply = await upload(server, tone, window=(0, 300))
+    assert reply.status == 200, reply.content[:500]
+    assert len(reply.content) > 5 * MiB
+    copies = of_request(folder, reply.request_id)
+    assert set(copies) == {"debug-input", "debug-output"}, copies
+    assert copies["debug-output"].read_bytes() == reply.content
+    assert copies["debug-input"].read_bytes() == tone
+    assert not [name for name in files_in(folder) if name.endswith(".partial")]
+    server.wait_idle()
+
+
+async def test_an_mp3_cut_short_by_ffmpeg_dying_keeps_no_copy(
+    make_server: Any, tmp_path: Path
+) -> None:
+    """ffmpeg is killed once the MP3's copy has bytes in its `.partial`: the job fails, the
+    input's error copy is kept (the body is read to its end), and nothing of the half MP3
+    stays: no `.partial`, no output copy, no `error-output` linked."""
+    tone = long_tone(tmp_path / "tone.wav", 120)
+    folder = tmp_path / "copies"
+    server = folder_server(make_server, folder)
+    wait_ready(server)
+    killed: list[int] = []
+
+    def kill_once_the_mp3_is_written(sent: int) -> None:
+        if killed:
+            return
+        partials = [
+            path
+            for name, path in files_in(folder).items()
+            if name.endswith(".mp3.partial") and path.stat().st_size > 0
+        ]
+        if not partials:
+            return
+        for child in server.children():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if "ffmpeg" in child.name() or any("ffmpeg" in a for a in child.cmdline()[:4]):
+                    child.send_signal(signal.SIGKILL)
+                    killed.append(child.pid)
+
+    reply = await upload(
+        server, tone, window=(0, 120), rate=400_000, on_sent=kill_once_the_mp3_is_written
+    )
+    assert killed, "ffmpeg was never killed while the MP3 was being copied"
+    assert reply.status in (422, 503), reply.content
+    files = reply.json()["debugFiles"]
+    assert set(files) == {"input"}, files
+    assert (folder / files["input"]).read_bytes() == tone
+    left = files_in(folder)
+    assert not [name for name in left if name.endswith(".partial")], left
+    assert not [name for name in left if name.endswith(".mp3")], left
     server.wait_idle()
 
 

@@ -116,9 +116,6 @@ class Spool:
             return self._file
         return cast(IO[bytes], _MemoryReader(self._file))
 
-    def read_all(self) -> bytes:
-        return self.reader().read()
-
     def close(self) -> None:
         """Free the memory and delete the temp file; safe to call twice."""
         if self.closed:

@@ -53,9 +53,6 @@ class CopyContext:
 class DebugCopies(Protocol):
     """One job's copies.  Every method but `settle` returns at once and never raises."""
 
-    keeps_output: bool
-    """Whether `add_output` keeps anything: if not, nobody reads the MP3 back for it."""
-
     def start_input(self, layout: InputFormat) -> None:
         """The upload's container is known: its copy can be named and started."""
 
@@ -65,8 +62,18 @@ class DebugCopies(Protocol):
     def end_input(self) -> None:
         """The upload ended; its copy can be completed."""
 
-    def add_output(self, mp3: bytes) -> None:
-        """The MP3 the job made; its copy goes up while transcription runs."""
+    def start_output(self) -> None:
+        """ffmpeg starts writing the MP3 (after `start_input`): its copy can be started."""
+
+    def offer_output(self, chunk: bytes) -> None:
+        """The next bytes of the MP3, as ffmpeg writes them."""
+
+    def end_output(self) -> None:
+        """The MP3 is whole and holds audio: its copy can be completed.
+
+        An output copy never ended (ffmpeg failed, no audio in the window, the job went
+        wrong meanwhile) is dropped by `settle` or `abandon`, and leaves nothing behind.
+        """
 
     def abandon(self) -> None:
         """The job ended without a whole upload: drop everything, leave nothing half-done."""
@@ -95,8 +102,6 @@ class DebugStore(Protocol):
 class NoCopies:
     """`VRAI_DEBUG_STORE=off`: copies of nothing."""
 
-    keeps_output = False
-
     def start_input(self, layout: InputFormat) -> None:
         return None
 
@@ -106,7 +111,13 @@ class NoCopies:
     def end_input(self) -> None:
         return None
 
-    def add_output(self, mp3: bytes) -> None:
+    def start_output(self) -> None:
+        return None
+
+    def offer_output(self, chunk: bytes) -> None:
+        return None
+
+    def end_output(self) -> None:
         return None
 
     def abandon(self) -> None:

@@ -180,10 +180,31 @@ def _mib(size: int) -> str:
     return f"{size / MiB:.4g} MiB"
 
 
-class FolderCopies:
-    """Writes the upload to `<key>.partial` as it arrives, renamed once it is whole."""
+class _PartialFile:
+    """A copy written to `<path>.partial` as its bytes arrive, renamed to `path` once whole."""
 
-    keeps_output = True
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.partial = path.with_name(path.name + ".partial")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file: BinaryIO = self.partial.open("wb")
+        self.size = 0
+
+    def write(self, chunk: bytes) -> None:
+        self._file.write(chunk)
+
+    def complete(self) -> None:
+        self._file.close()
+        self.partial.replace(self.path)
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            self._file.close()
+        self.partial.unlink(missing_ok=True)
+
+
+class FolderCopies:
+    """Writes the upload and the MP3 to `<key>.partial` as they arrive, each renamed once whole."""
 
     def __init__(
         self, root: Path, context: CopyContext, retention: Retention, *, keep_on_success: bool
@@ -193,65 +214,79 @@ class FolderCopies:
         self._retention = retention
         self._keep_on_success = keep_on_success
         self._keys: Keys | None = None
-        self._partial: BinaryIO | None = None
-        self._partial_bytes = 0
+        self._input: _PartialFile | None = None
+        self._output: _PartialFile | None = None
         self._written: list[Path] = []
         self._broken = False
 
     def start_input(self, layout: InputFormat) -> None:
         self._keys = Keys.for_job("", self._context, layout)
-        path = self._path(self._keys.input)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._partial = self._partial_path(path).open("wb")
+            self._input = _PartialFile(self._path(self._keys.input))
         except OSError:
             self._give_up("could not create the input copy")
 
     def offer(self, chunk: bytes) -> None:
-        if self._partial is None:
+        if self._input is None:
             return
-        self._partial_bytes += len(chunk)
-        cap = self._retention.max_bytes
-        if cap is not None and self._partial_bytes > cap:
+        if self._grows_over_cap(self._input, chunk):
             # The folder could not keep it anyway: stop filling the disk with it now.
             self._give_up("the upload is larger than VRAI_DEBUG_DIR_MAX_BYTES")
             return
         try:
-            self._partial.write(chunk)
+            self._input.write(chunk)
         except OSError:
             self._give_up("could not write the input copy")
 
     def end_input(self) -> None:
-        if self._partial is None or self._keys is None:
+        if self._input is None:
             return
-        path = self._path(self._keys.input)
         try:
-            self._partial.close()
-            self._partial_path(path).replace(path)
-            self._kept(path)
+            self._input.complete()
+            self._kept(self._input.path)
         except OSError:
             self._give_up("could not complete the input copy")
-        self._partial = None
+        self._input = None
 
-    def add_output(self, mp3: bytes) -> None:
-        if self._keys is None or self._broken or not mp3:
+    def start_output(self) -> None:
+        if self._keys is None or self._broken or self._output is not None:
             return
-        path = self._path(self._keys.output)
         try:
-            path.write_bytes(mp3)
-            self._kept(path)
+            self._output = _PartialFile(self._path(self._keys.output))
         except OSError:
             self._give_up("could not write the output copy")
 
+    def offer_output(self, chunk: bytes) -> None:
+        if self._output is None:
+            return
+        if self._grows_over_cap(self._output, chunk):
+            self._give_up("the MP3 is larger than VRAI_DEBUG_DIR_MAX_BYTES")
+            return
+        try:
+            self._output.write(chunk)
+        except OSError:
+            self._give_up("could not write the output copy")
+
+    def end_output(self) -> None:
+        if self._output is None:
+            return
+        try:
+            self._output.complete()
+            self._kept(self._output.path)
+        except OSError:
+            self._give_up("could not write the output copy")
+        self._output = None
+
     def abandon(self) -> None:
-        self._discard_partial()
+        self._discard_partials()
         for path in self._written:
             path.unlink(missing_ok=True)
             self._retention.forget(path)
         self._written.clear()
 
     async def settle(self, failure_code: str | None) -> dict[str, str] | None:
-        self._discard_partial()
+        # What was never ended (an MP3 with no audio, or whose ffmpeg failed) keeps no copy.
+        self._discard_partials()
         if failure_code is None:
             if not self._keep_on_success:
                 self.abandon()
@@ -283,15 +318,16 @@ class FolderCopies:
     def _path(self, key: str) -> Path:
         return self._root / key
 
-    @staticmethod
-    def _partial_path(path: Path) -> Path:
-        return path.with_name(path.name + ".partial")
+    def _grows_over_cap(self, copy: _PartialFile, chunk: bytes) -> bool:
+        copy.size += len(chunk)
+        cap = self._retention.max_bytes
+        return cap is not None and copy.size > cap
 
-    def _discard_partial(self) -> None:
-        if self._partial is not None and self._keys is not None:
-            self._partial.close()
-            self._partial_path(self._path(self._keys.input)).unlink(missing_ok=True)
-            self._partial = None
+    def _discard_partials(self) -> None:
+        for copy in (self._input, self._output):
+            if copy is not None:
+                copy.discard()
+        self._input = self._output = None
 
     def _give_up(self, why: str) -> None:
         logger.warning("debug copy abandoned", extra={"reason": why, "store": "dir"})

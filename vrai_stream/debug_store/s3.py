@@ -1,7 +1,9 @@
 """Debug copies in S3 (aioboto3), uploaded while the audio streams.
 
-The input copy is teed from the body into a bounded buffer and uploaded as it fills: one
-PUT for a small body, multipart (one part in flight) for a large one.  If S3 falls behind
+Each copy (the input, teed from the body; the MP3, teed from ffmpeg's output as it is
+written) goes into a bounded buffer and is uploaded as it fills: one PUT for a small copy,
+multipart (one part in flight) for a large one.  Unsampled jobs hold their copies in files
+on local disk instead, uploaded only if the job fails.  If S3 falls behind
 by more than the buffer, the copy is abandoned and its multipart upload aborted; the job
 never waits for S3.  Endpoint and credentials come from the standard `AWS_*` variables.
 """
@@ -145,9 +147,12 @@ class StreamingUpload:
         content_type: str,
         object_metadata: dict[str, str],
         what: str,
+        others_held: Callable[[], int] = lambda: 0,
     ) -> None:
         self._store = store
         self.key = key
+        self._others_held = others_held
+        """The bytes the job's other copy holds: both share one buffer's bound."""
         self._content_type = content_type
         self._metadata = object_metadata
         self._what = what
@@ -163,7 +168,7 @@ class StreamingUpload:
     def offer(self, chunk: bytes) -> None:
         if self.abandoned or self.done.is_set():
             return
-        if len(self._buffer) + self._in_flight + len(chunk) > self._store.buffer_bytes:
+        if self.held_bytes + self._others_held() + len(chunk) > self._store.buffer_bytes:
             logger.warning(
                 "debug copy abandoned: the store fell behind",
                 extra={"key": self.key, "bufferBytes": self._store.buffer_bytes},
@@ -173,6 +178,11 @@ class StreamingUpload:
             return
         self._buffer += chunk
         self._wakeup.set()
+
+    @property
+    def held_bytes(self) -> int:
+        """What this copy holds in memory: its buffer and the part on its way."""
+        return len(self._buffer) + self._in_flight
 
     def close(self) -> None:
         self._closed = True
@@ -299,10 +309,83 @@ class StreamingUpload:
         )
 
 
+class _Copy:
+    """One copy, the input or the MP3: uploaded as its bytes arrive when the job is sampled,
+    else held on local disk until the job's outcome says whether it is kept."""
+
+    def __init__(
+        self,
+        store: S3Store,
+        key: str,
+        *,
+        content_type: str,
+        object_metadata: dict[str, str],
+        what: str,
+        sampled: bool,
+        others_held: Callable[[], int],
+    ) -> None:
+        self.key = key
+        self.content_type = content_type
+        self.what = what
+        self.upload: StreamingUpload | None = None
+        self.held: FileSpool | None = None
+        self.ended = False
+        if sampled:
+            self.upload = StreamingUpload(
+                store,
+                key,
+                content_type=content_type,
+                object_metadata=object_metadata,
+                what=what,
+                others_held=others_held,
+            )
+            store.spawn(self.upload.run)
+            return
+        try:
+            self.held = FileSpool(disk=store.hold_budget, tmp_dir=store.tmp_dir, suffix=".held")
+        except OSError as exc:
+            logger.warning(f"cannot hold the {what} copy", extra={"error": _describe(exc)})
+
+    def offer(self, chunk: bytes) -> None:
+        if self.upload is not None:
+            self.upload.offer(chunk)
+        elif self.held is not None:
+            try:
+                self.held.write(chunk)
+            except Exception:
+                logger.warning(f"{self.what} copy dropped: no room to hold it locally")
+                metrics.DEBUG_COPIES.labels(copy=self.what, outcome="fell_behind").inc()
+                self.drop_held()
+
+    def end(self) -> None:
+        self.ended = True
+        if self.upload is not None:
+            self.upload.close()
+        elif self.held is not None:
+            try:
+                self.held.finish()
+            except Exception:
+                self.drop_held()
+
+    @property
+    def kept(self) -> bool:
+        """Whether there is (or will be) something to keep an error copy of."""
+        return (self.upload is not None and not self.upload.abandoned) or self.held is not None
+
+    def drop_held(self) -> None:
+        if self.held is not None:
+            self.held.close()
+            self.held = None
+
+    def drop(self) -> None:
+        """Never a copy after all (an MP3 never ended): gone, quietly, whatever went up."""
+        if self.upload is not None and not self.upload.done.is_set():
+            self.upload.abandon()  # its run aborts a multipart upload already begun
+        self.drop_held()
+
+
 class S3Copies:
     """One job's copies: streamed when sampled, else held locally until the outcome is known."""
-
-    keeps_output = True
 
     def __init__(self, store: S3Store, context: CopyContext, *, sampled: bool) -> None:
         self._store = store
@@ -310,72 +393,54 @@ class S3Copies:
         self._sampled = sampled
         self._layout: InputFormat | None = None
         self._keys = Keys.for_job(store.prefix, context, None)
-        self._input: StreamingUpload | None = None
-        self._held_input: FileSpool | None = None
-        self._output: StreamingUpload | None = None
-        self._held_output: bytes | None = None
+        self._input: _Copy | None = None
+        self._output: _Copy | None = None
 
     def start_input(self, layout: InputFormat) -> None:
         self._layout = layout
         self._keys = Keys.for_job(self._store.prefix, self._context, layout)
-        if self._sampled:
-            self._input = self._upload(self._keys.input, layout.content_type, "input")
-            self._store.spawn(self._input.run)
-            return
-        try:
-            self._held_input = FileSpool(
-                disk=self._store.hold_budget, tmp_dir=self._store.tmp_dir, suffix=".held"
-            )
-        except OSError as exc:
-            logger.warning("cannot hold the input copy", extra={"error": _describe(exc)})
+        self._input = self._copy_of(self._keys.input, layout.content_type, "input")
 
     def offer(self, chunk: bytes) -> None:
         if self._input is not None:
             self._input.offer(chunk)
-        elif self._held_input is not None:
-            try:
-                self._held_input.write(chunk)
-            except Exception:
-                logger.warning("input copy dropped: no room to hold it locally")
-                metrics.DEBUG_COPIES.labels(copy="input", outcome="fell_behind").inc()
-                self._drop_held_input()
 
     def end_input(self) -> None:
         if self._input is not None:
-            self._input.close()
-        elif self._held_input is not None:
-            try:
-                self._held_input.finish()
-            except Exception:
-                self._drop_held_input()
+            self._input.end()
 
-    def add_output(self, mp3: bytes) -> None:
-        if not mp3:
-            return  # no audio in the window: no MP3 worth keeping
-        if not self._sampled:
-            self._held_output = mp3
-            return
-        self._output = self._upload(self._keys.output, "audio/mpeg", "output")
-        self._output.offer(mp3)
-        self._output.close()
-        self._store.spawn(self._output.run)
+    def start_output(self) -> None:
+        if self._output is None:
+            self._output = self._copy_of(self._keys.output, "audio/mpeg", "output")
+
+    def offer_output(self, chunk: bytes) -> None:
+        if self._output is not None:
+            self._output.offer(chunk)
+
+    def end_output(self) -> None:
+        if self._output is not None:
+            self._output.end()
 
     def abandon(self) -> None:
-        for upload, what in ((self._input, "input"), (self._output, "output")):
-            if upload is None:
+        self._drop_unended_output()
+        for copy in (self._input, self._output):
+            if copy is None:
                 continue
-            if not upload.done.is_set():
-                upload.abandon()
-                metrics.DEBUG_COPIES.labels(copy=what, outcome="abandoned").inc()
-            # Already stored, or about to be (the MP3 of a window that ended early).
-            self._store.spawn(functools.partial(self._discard, upload))
-        self._drop_held_input()
-        self._held_output = None
+            upload = copy.upload
+            if upload is not None:
+                if not upload.done.is_set():
+                    upload.abandon()
+                    metrics.DEBUG_COPIES.labels(copy=copy.what, outcome="abandoned").inc()
+                # Already stored, or about to be (the MP3 of a window that ended early).
+                self._store.spawn(functools.partial(self._discard, upload))
+            copy.drop_held()
 
     async def settle(self, failure_code: str | None) -> dict[str, str] | None:
+        self._drop_unended_output()
         if failure_code is None:
-            self._drop_held_input()
-            self._held_output = None
+            for copy in (self._input, self._output):
+                if copy is not None:
+                    copy.drop_held()
             self._store.spawn(self._stamp_success)
             return None
         wanted = self._error_keys(failure_code)
@@ -393,19 +458,30 @@ class S3Copies:
             await settled.wait()
         return await self._links(wanted)
 
-    def _upload(self, key: str, content_type: str, what: str) -> StreamingUpload:
-        return StreamingUpload(
+    def _copy_of(self, key: str, content_type: str, what: str) -> _Copy:
+        return _Copy(
             self._store,
             key,
             content_type=content_type,
             object_metadata=metadata(self._context, self._layout, "pending"),
             what=what,
+            sampled=self._sampled,
+            others_held=functools.partial(self._held_bytes, not_of=what),
         )
 
-    def _drop_held_input(self) -> None:
-        if self._held_input is not None:
-            self._held_input.close()
-            self._held_input = None
+    def _held_bytes(self, not_of: str) -> int:
+        """What the job's copies other than `not_of` hold in memory, waiting for S3."""
+        return sum(
+            copy.upload.held_bytes
+            for copy in (self._input, self._output)
+            if copy is not None and copy.upload is not None and copy.what != not_of
+        )
+
+    def _drop_unended_output(self) -> None:
+        """An MP3 whose copy was never ended (ffmpeg failed, no audio) keeps no copy."""
+        if self._output is not None and not self._output.ended:
+            self._output.drop()
+            self._output = None
 
     async def _discard(self, upload: StreamingUpload) -> None:
         """A job that never finished keeps no copy."""
@@ -422,45 +498,38 @@ class S3Copies:
 
     async def _stamp_success(self) -> None:
         """Mark the copies `outcome: ok` once they are stored (a server-side copy onto itself)."""
-        for upload, content_type in (
-            (self._input, self._layout.content_type if self._layout else None),
-            (self._output, "audio/mpeg"),
-        ):
-            if upload is None:
+        for copy in (self._input, self._output):
+            if copy is None or copy.upload is None:
                 continue
-            await upload.done.wait()
-            if upload.completed and content_type is not None:
-                await self._copy(upload.key, upload.key, content_type, "ok")
+            await copy.upload.done.wait()
+            if copy.upload.completed:
+                await self._copy(copy.key, copy.key, copy.content_type, "ok")
 
     async def _keep_error_copies(self, code: str) -> None:
-        layout = self._layout
-        input_type = layout.content_type if layout else "application/octet-stream"
         if self._input is not None:
-            await self._input.done.wait()
-            if self._input.completed:
-                await self._copy(self._input.key, self._keys.error_input(code), input_type, code)
-                await self._copy(self._input.key, self._input.key, input_type, code)
-        elif self._held_input is not None:
-            held = self._held_input
-            await self._put_file(held, self._keys.error_input(code), input_type, code)
-            self._drop_held_input()
+            # The input's own copy is stamped with the outcome too.
+            await self._keep_error_copy(self._input, self._keys.error_input(code), code, True)
         if self._output is not None:
-            await self._output.done.wait()
-            if self._output.completed:
-                await self._copy(
-                    self._output.key, self._keys.error_output(code), "audio/mpeg", code
-                )
-        elif self._held_output is not None:
-            await self._put_bytes(self._held_output, self._keys.error_output(code), code)
-            self._held_output = None
+            await self._keep_error_copy(self._output, self._keys.error_output(code), code, False)
         metrics.DEBUG_COPIES.labels(copy="error", outcome="stored").inc()
+
+    async def _keep_error_copy(self, copy: _Copy, key: str, code: str, restamp: bool) -> None:
+        if copy.upload is not None:
+            await copy.upload.done.wait()
+            if copy.upload.completed:
+                await self._copy(copy.key, key, copy.content_type, code)
+                if restamp:
+                    await self._copy(copy.key, copy.key, copy.content_type, code)
+        elif copy.held is not None:
+            await self._put_file(copy.held, key, copy.content_type, code)
+            copy.drop_held()
 
     def _error_keys(self, code: str) -> dict[str, str]:
         """The error copies that exist or are on their way."""
         wanted: dict[str, str] = {}
-        if (self._input is not None and not self._input.abandoned) or self._held_input:
+        if self._input is not None and self._input.kept:
             wanted["input"] = self._keys.error_input(code)
-        if (self._output is not None and not self._output.abandoned) or self._held_output:
+        if self._output is not None and self._output.kept:
             wanted["output"] = self._keys.error_output(code)
         return wanted
 
@@ -510,20 +579,6 @@ class S3Copies:
                         "Metadata": metadata(self._context, self._layout, code),
                     },
                 )
-        except Exception as exc:
-            logger.warning("debug copy not kept", extra={"key": key, "error": _describe(exc)})
-            metrics.DEBUG_COPIES.labels(copy="error", outcome="failed").inc()
-
-    async def _put_bytes(self, data: bytes, key: str, code: str) -> None:
-        try:
-            client = await self._store.client()
-            await client.put_object(
-                Bucket=self._store.bucket,
-                Key=key,
-                Body=data,
-                ContentType="audio/mpeg",
-                Metadata=metadata(self._context, self._layout, code),
-            )
         except Exception as exc:
             logger.warning("debug copy not kept", extra={"key": key, "error": _describe(exc)})
             metrics.DEBUG_COPIES.labels(copy="error", outcome="failed").inc()

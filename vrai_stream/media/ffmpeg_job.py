@@ -1,7 +1,8 @@
 """One running ffmpeg: the pumps around it, its deadline and its death.
 
-The upload is fed to ffmpeg's stdin chunk by chunk; its stdout drains into a `Spool`, and
-the tail of its stderr is kept to explain a failure (`media.failures`).
+The upload is fed to ffmpeg's stdin chunk by chunk; its stdout drains into a `Spool` (and,
+chunk by chunk as it is written, to whoever else wants the MP3: the debug copy), and the
+tail of its stderr is kept to explain a failure (`media.failures`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ class TranscodeOutcome:
 
 
 PcmSink = Callable[[bytes], Awaitable[None]]
+OutputSink = Callable[[bytes], None]
+"""Gets each chunk of the MP3 as it is written; must return at once and never raise."""
 
 
 class PcmPipe:
@@ -75,6 +78,7 @@ async def run_ffmpeg(
     timeout_after_input: float,
     feeds_stdin: bool = True,
     pcm: PcmPipe | None = None,
+    on_output: OutputSink | None = None,
 ) -> AsyncIterator[FfmpegJob]:
     """Start ffmpeg, drain it in the background, and make sure it is gone on the way out."""
     try:
@@ -93,7 +97,9 @@ async def run_ffmpeg(
     finally:
         if pcm is not None:
             pcm.close_write_end()  # the child has its own copy: EOF comes when it exits
-    job = FfmpegJob(process, output, timeout_after_input=timeout_after_input, pcm=pcm)
+    job = FfmpegJob(
+        process, output, timeout_after_input=timeout_after_input, pcm=pcm, on_output=on_output
+    )
     try:
         if not feeds_stdin:
             await job.finish_input()
@@ -121,9 +127,11 @@ class FfmpegJob:
         *,
         timeout_after_input: float,
         pcm: PcmPipe | None = None,
+        on_output: OutputSink | None = None,
     ) -> None:
         self._process = process
         self.output = output
+        self._on_output = on_output
         self.mp3 = Mp3Frames()
         """The MP3's length as it is written: nobody reads it back to learn it."""
         self._pcm = pcm
@@ -190,6 +198,8 @@ class FfmpegJob:
         async for chunk in self._process.stdout:
             self.output.write(chunk)
             self.mp3.feed(chunk)
+            if self._on_output is not None:
+                self._on_output(chunk)
 
     async def _drain_stderr(self) -> None:
         assert self._process.stderr is not None

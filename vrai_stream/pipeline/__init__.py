@@ -145,7 +145,7 @@ class Pipeline:
                 pcm = segments.pcm_pipe() if segments else None
                 if layout.mode is Mode.STREAM:
                     command = self._command(spec, pcm=pcm)
-                    async with self._ffmpeg_run(command, output, pcm=pcm) as ffmpeg:
+                    async with self._ffmpeg_run(command, output, copies, pcm=pcm) as ffmpeg:
                         feed = _filtered(layout, ffmpeg)
                         group.start_soon(_pump, head, body, feed, ffmpeg.finish_input, copies)
                         failure = await self._finish(spec, ffmpeg, output, result, copies, segments)
@@ -162,7 +162,7 @@ class Pipeline:
                     await _pump(head, body, write, finish, copies)
                     command = self._command(spec, input_path=source.path, pcm=pcm)
                     async with self._ffmpeg_run(
-                        command, output, feeds_stdin=False, pcm=pcm
+                        command, output, copies, feeds_stdin=False, pcm=pcm
                     ) as ffmpeg:
                         failure = await self._finish(spec, ffmpeg, output, result, copies, segments)
                 if segments is not None:
@@ -211,16 +211,20 @@ class Pipeline:
         self,
         command: list[str],
         output: Spool,
+        copies: DebugCopies,
         *,
         feeds_stdin: bool = True,
         pcm: PcmPipe | None = None,
     ) -> AbstractAsyncContextManager[FfmpegJob]:
+        """ffmpeg, its MP3 drained into `output` and, as it is written, into its debug copy."""
+        copies.start_output()
         return run_ffmpeg(
             command,
             output,
             timeout_after_input=self._settings.ffmpeg_timeout_seconds,
             feeds_stdin=feeds_stdin,
             pcm=pcm,
+            on_output=copies.offer_output,
         )
 
     async def _finish(
@@ -242,13 +246,13 @@ class Pipeline:
             return explain_failure(outcome, self._settings.retry_after_seconds)
         result.mp3_size = output.size
         result.duration = ffmpeg.mp3.seconds
-        if copies.keeps_output and result.duration > 0:
-            copies.add_output(output.read_all())
         if result.duration <= 0:
+            # The MP3's copy is never ended: like that of a failed ffmpeg, it is dropped.
             return errors.NoAudioInWindow(
                 f"The recording has no audio between {spec.window.start:g} s "
                 f"and {spec.window.end:g} s"
             )
+        copies.end_output()
         if spec.want_mp3:
             output.reader()  # the last flush: a full disk is this job's 507, not the answer's
             result.mp3 = output
