@@ -10,6 +10,7 @@ within a segment where it gives them.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from collections.abc import Callable
 
@@ -83,8 +84,9 @@ class SegmentedTranscription:
             slots.release()
 
     def _heard_one(self, cut: Cut, transcript: Transcript) -> None:
-        """Keep a result; announce every segment now known in order, none twice."""
-        self._heard[cut.index] = (cut, transcript)
+        """Keep a result (not its audio: memory stays flat in the window's length); announce
+        every segment now known in order, none twice."""
+        self._heard[cut.index] = (dataclasses.replace(cut, pcm=b""), transcript)
         while self._next_to_announce in self._heard:
             done, text = self._heard[self._next_to_announce]
             if text.text:
