@@ -122,3 +122,14 @@ def test_a_cut_is_a_wav_of_its_audio(stitched_pcm: bytes, tmp_path: Path) -> Non
     path = tmp_path / "cut.wav"
     path.write_bytes(cut.wav())
     assert _pcm(path) == cut.pcm
+
+
+def test_joined_cuts_are_the_audio_of_both_in_one(stitched_pcm: bytes) -> None:
+    first, second, *_ = _cut_all(stitched_pcm[: 60 * BYTES_PER_SECOND], Segmenter())
+    both = first.joined(second)
+    assert both.pcm == first.pcm + second.pcm
+    assert (both.index, both.count) == (first.index, 2)
+    assert (both.start, both.end) == (first.start, second.end)
+    assert (both.speech_start, both.speech_end) == (first.speech_start, second.speech_end)
+    with pytest.raises(AssertionError):
+        second.joined(first)

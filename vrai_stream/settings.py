@@ -298,7 +298,7 @@ class Settings:
         default=28.0, metadata=number("VRAI_SEGMENT_MAX_SECONDS", minimum=2, maximum=600)
     )
     openai_segment_concurrency: int = field(
-        default=4, metadata=integer("VRAI_OPENAI_SEGMENT_CONCURRENCY", minimum=1, maximum=64)
+        default=8, metadata=integer("VRAI_OPENAI_SEGMENT_CONCURRENCY", minimum=1, maximum=64)
     )
     openai_concurrency: int = field(
         default=32, metadata=integer("VRAI_OPENAI_CONCURRENCY", minimum=1)

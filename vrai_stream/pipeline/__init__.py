@@ -192,6 +192,8 @@ class Pipeline:
             spec,
             settings.openai_segment_concurrency if upstream else 1,
             self._upstream_segments if upstream else None,
+            # The local model joins a backlog of cuts into fuller calls (see SegmentedTranscription)
+            None if upstream else settings.segment_max_seconds,
         )
         return segments
 

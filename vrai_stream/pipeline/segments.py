@@ -4,6 +4,7 @@ into the transcriber as soon as it is made, and the outcome waited for when the 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Awaitable, Callable
 
 import anyio
@@ -26,7 +27,10 @@ class LiveSegments:
         self._segmenter = segmenter
         self._meter = meter
         self._listener = listener
-        self._send, self._receive = anyio.create_memory_object_stream[Cut](1)
+        # Room for the cuts of one model call, made while the transcriber is busy: one call
+        # takes them all (see `SegmentedTranscription.run`), and ffmpeg waits beyond that.
+        backlog = math.ceil(segmenter.max_seconds / segmenter.min_seconds)
+        self._send, self._receive = anyio.create_memory_object_stream[Cut](backlog)
         self._scope = anyio.CancelScope()
         self._done = anyio.Event()
         self._transcript: Transcript | None = None
@@ -59,6 +63,7 @@ class LiveSegments:
         spec: JobSpec,
         concurrency: int,
         limiter: anyio.CapacityLimiter | None,
+        longest: float | None,
     ) -> None:
         self._began = anyio.current_time()
         try:
@@ -67,6 +72,7 @@ class LiveSegments:
                     await transcriber(),
                     spec.options,
                     concurrency=concurrency,
+                    longest=longest,
                     limiter=limiter,
                     request_id=spec.request_id,
                     on_segment=self._listener.segment,

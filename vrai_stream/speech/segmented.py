@@ -15,7 +15,7 @@ import io
 from collections.abc import Callable
 
 import anyio
-from anyio.abc import ObjectReceiveStream
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 from vrai_stream.speech.segmenter import Cut
 from vrai_stream.speech.transcribers.base import (
@@ -36,6 +36,7 @@ class SegmentedTranscription:
         options: TranscribeOptions,
         *,
         concurrency: int,
+        longest: float | None,
         limiter: anyio.CapacityLimiter | None,
         request_id: str | None,
         on_segment: SegmentHeard,
@@ -43,23 +44,39 @@ class SegmentedTranscription:
         self._transcriber = transcriber
         self._options = options
         self._concurrency = concurrency
+        self._longest = longest
         self._limiter = limiter
         self._request_id = request_id
         self._on_segment = on_segment
         self._heard: dict[int, tuple[Cut, Transcript]] = {}
         self._next_to_announce = 0
+        """The index of the next cut whose text may be announced."""
+        self._announced = 0
         self.billed_seconds = 0.0
         """Audio sent to the model: the window less the segments nobody speaks in."""
 
-    async def run(self, cuts: ObjectReceiveStream[Cut]) -> Transcript:
-        """Transcribe every cut `cuts` brings until it ends; raise the first failure."""
+    async def run(self, cuts: MemoryObjectReceiveStream[Cut]) -> Transcript:
+        """Transcribe every cut `cuts` brings until it ends; raise the first failure.
+
+        With `longest`, cuts made while every slot was busy go in one call, up to that many
+        seconds: a local model pads whatever it hears to 30 s, so a backlog costs fewer,
+        fuller calls, and it times its own words.  Without, each cut is a call of its own:
+        an API runs them in parallel, and its times may be only those of our cuts.
+        """
         slots = anyio.Semaphore(self._concurrency)
+        held: Cut | None = None
         async with anyio.create_task_group() as group, cuts:
-            async for cut in cuts:
+            while (cut := held or await _next(cuts)) is not None:
+                held = None
                 if not cut.speech:
                     self._heard_one(cut, Transcript(text=""))
                     continue
                 await slots.acquire()
+                while self._longest and (following := _ready(cuts)) is not None:
+                    if cut.seconds + following.seconds > self._longest:
+                        held = following
+                        break
+                    cut = cut.joined(following)
                 group.start_soon(self._transcribe, cut, slots)
         return self._stitched()
 
@@ -90,8 +107,10 @@ class SegmentedTranscription:
         while self._next_to_announce in self._heard:
             done, text = self._heard[self._next_to_announce]
             if text.text:
-                self._on_segment(done.index, Segment(done.speech_start, done.speech_end, text.text))
-            self._next_to_announce += 1
+                segment = Segment(done.speech_start, done.speech_end, text.text)
+                self._on_segment(self._announced, segment)
+                self._announced += 1
+            self._next_to_announce += done.count
 
     def _stitched(self) -> Transcript:
         texts: list[str] = []
@@ -119,3 +138,19 @@ class SegmentedTranscription:
                     Segment(round(cut.speech_start, 3), round(cut.speech_end, 3), transcript.text)
                 )
         return Transcript(text=" ".join(texts), language=language, segments=tuple(segments))
+
+
+async def _next(cuts: MemoryObjectReceiveStream[Cut]) -> Cut | None:
+    """The next cut, waiting for it; None once there are no more."""
+    try:
+        return await cuts.receive()
+    except anyio.EndOfStream:
+        return None
+
+
+def _ready(cuts: MemoryObjectReceiveStream[Cut]) -> Cut | None:
+    """The next cut if one is already made; None otherwise (or at the end)."""
+    try:
+        return cuts.receive_nowait()
+    except (anyio.WouldBlock, anyio.EndOfStream):
+        return None

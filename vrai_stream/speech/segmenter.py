@@ -42,10 +42,27 @@ class Cut:
     """Where the first voiced frame begins (the cut's start when nobody speaks)."""
     speech_end: float
     """Where the last voiced frame ends (the cut's end when nobody speaks)."""
+    count: int = 1
+    """How many cuts this one joins (see `joined`): the next cut's index is `index + count`."""
 
     @property
     def seconds(self) -> float:
         return self.end - self.start
+
+    def joined(self, following: Cut) -> Cut:
+        """This cut and the one right after it, as one: fewer, longer calls to a model."""
+        assert following.index == self.index + self.count
+        voiced = [cut for cut in (self, following) if cut.speech]
+        return Cut(
+            index=self.index,
+            start=self.start,
+            end=following.end,
+            pcm=self.pcm + following.pcm,
+            speech=bool(voiced),
+            speech_start=voiced[0].speech_start if voiced else self.start,
+            speech_end=voiced[-1].speech_end if voiced else following.end,
+            count=self.count + following.count,
+        )
 
     def wav(self) -> bytes:
         """The segment as a WAV file: what a transcriber reads without re-encoding."""
@@ -70,6 +87,8 @@ class Segmenter:
         aggressiveness: int = 1,
     ) -> None:
         assert 0 < min_seconds < max_seconds
+        self.min_seconds = min_seconds
+        self.max_seconds = max_seconds
         self._vad = webrtcvad.Vad(aggressiveness)
         self._min_frames = round(min_seconds / FRAME_SECONDS)
         self._max_frames = round(max_seconds / FRAME_SECONDS)
