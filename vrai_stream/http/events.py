@@ -164,6 +164,7 @@ class EventStream(Response):
         self._outcome = ("cancelled", 500)
         self._client_gone = False
         self._answered = False
+        self._logged = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         outcome = ("cancelled", 500)  # unless it ends otherwise: cancelled from outside
@@ -176,6 +177,13 @@ class EventStream(Response):
                     group.cancel_scope.cancel()  # the disconnect listener: the answer is over
             outcome = ("client_disconnected", 499) if self._client_gone else self._outcome
         finally:
+            self._log_once(outcome)
+
+    def _log_once(self, outcome: tuple[str, int]) -> None:
+        """Log and count the request, before its last bytes go out (as the endpoint wrapper
+        does for a plain answer: a client that has its answer finds it in the log)."""
+        if not self._logged:
+            self._logged = True
             self._finished(*outcome)
 
     async def _run(self) -> None:
@@ -213,6 +221,7 @@ class EventStream(Response):
         plain = await events._until_decided()
         if plain is not None:
             self._answered = True  # from here, receive() tells of the answer, not of the client
+            self._log_once(self._outcome)
             await plain(scope, receive, send)
             return
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
@@ -227,6 +236,7 @@ class EventStream(Response):
             last = event is events._last
             if last:
                 self._answered = True
+                self._log_once(self._outcome)
             await send({"type": "http.response.body", "body": event.encode(), "more_body": True})
             if last:
                 break
