@@ -83,6 +83,10 @@ async def test_real_speech_segmented_reads_as_well_as_the_whole_window(
     assert abs(len(heard["segments"]) - len(reference)) <= 0.05 * len(reference)
     for body in (segmented, whole):
         assert body["duration"] == pytest.approx(71.66, abs=0.25)
+    # The audio sent to the model is the window's, at most: segments share none of it.
+    local_servers["segments"].wait_idle()
+    billed = local_servers["segments"].request_log(str(segmented["requestId"]))["billedSeconds"]
+    assert 0.9 * 71.66 <= billed <= float(str(segmented["duration"])) + 0.05
 
     parts = segmented["segments"]
     assert isinstance(parts, list) and len(parts) >= 72 // Settings.segment_max_seconds
@@ -103,6 +107,9 @@ async def test_a_silent_window_sends_nothing_to_the_model(
     assert body["transcription"] == ""
     assert body["segments"] == []
     assert body["duration"] == pytest.approx(40.0, abs=0.25)
+    # Nobody speaks: no audio went to the model.
+    local_servers["segments"].wait_idle()
+    assert local_servers["segments"].request_log(str(body["requestId"]))["billedSeconds"] == 0
 
 
 # --- the OpenAI path: segments in parallel, each retried on its own ------------------------------

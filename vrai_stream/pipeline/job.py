@@ -87,6 +87,7 @@ class JobResult:
             "inputSize": self.input_size,
             "fileSize": self.mp3_size,
             "duration": self.duration,
+            "billedSeconds": round(self.billed_seconds, 3),
             "outputSpooledToDisk": self.output_on_disk,
             "timings": self.timings.as_dict(),
         }
