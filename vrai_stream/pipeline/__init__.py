@@ -25,6 +25,7 @@ from vrai_stream.media.sniff import SNIFF_LIMIT_BYTES, Layout, Mode, pipe_filter
 from vrai_stream.pipeline.job import JobListener, JobResult, JobSpec, SilentListener
 from vrai_stream.pipeline.segments import LiveSegments, TranscriberSource
 from vrai_stream.settings import Settings
+from vrai_stream.speech.segmented import LOCAL_CALL_SECONDS
 from vrai_stream.speech.segmenter import Segmenter
 from vrai_stream.speech.transcribers.base import Audio, Transcript
 from vrai_stream.spool import Budget, FileSpool, Spool
@@ -185,6 +186,8 @@ class Pipeline:
             ),
             meter,
             listener,
+            # The local model joins a backlog of cuts into fuller calls (see SegmentedTranscription)
+            longest_call=None if upstream else LOCAL_CALL_SECONDS,
         )
         group.start_soon(
             segments.transcribe,
@@ -192,8 +195,6 @@ class Pipeline:
             spec,
             settings.openai_segment_concurrency if upstream else 1,
             self._upstream_segments if upstream else None,
-            # The local model joins a backlog of cuts into fuller calls (see SegmentedTranscription)
-            None if upstream else settings.segment_max_seconds,
         )
         return segments
 

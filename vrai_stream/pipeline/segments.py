@@ -23,13 +23,22 @@ TranscriberSource = Callable[[], Awaitable[Transcriber]]
 class LiveSegments:
     """The segmenter fed by ffmpeg's PCM output, and the transcription of what it cuts."""
 
-    def __init__(self, segmenter: Segmenter, meter: BodyMeter, listener: JobListener) -> None:
+    def __init__(
+        self,
+        segmenter: Segmenter,
+        meter: BodyMeter,
+        listener: JobListener,
+        *,
+        longest_call: float | None,
+    ) -> None:
+        """`longest_call`: the most seconds one call joins from a backlog (None: a cut a call)."""
         self._segmenter = segmenter
         self._meter = meter
         self._listener = listener
+        self._longest_call = longest_call
         # Room for the cuts of one model call, made while the transcriber is busy: one call
         # takes them all (see `SegmentedTranscription.run`), and ffmpeg waits beyond that.
-        backlog = math.ceil(segmenter.max_seconds / segmenter.min_seconds)
+        backlog = math.ceil((longest_call or segmenter.max_seconds) / segmenter.min_seconds)
         self._send, self._receive = anyio.create_memory_object_stream[Cut](backlog)
         self._scope = anyio.CancelScope()
         self._done = anyio.Event()
@@ -63,7 +72,6 @@ class LiveSegments:
         spec: JobSpec,
         concurrency: int,
         limiter: anyio.CapacityLimiter | None,
-        longest: float | None,
     ) -> None:
         self._began = anyio.current_time()
         try:
@@ -72,7 +80,7 @@ class LiveSegments:
                     await transcriber(),
                     spec.options,
                     concurrency=concurrency,
-                    longest=longest,
+                    longest=self._longest_call,
                     limiter=limiter,
                     request_id=spec.request_id,
                     on_segment=self._listener.segment,
