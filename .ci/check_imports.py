@@ -30,7 +30,7 @@ BASE = {
 }
 BASE_MODULES = {"vrai_stream.auth.config"}
 """Configuration that lives beside its part but is read by `settings`: base, wherever it sits."""
-LEAVES = {"auth", "bodies", "media", "speech", "debug_store"}
+LEAVES = {"auth", "bodies", "media", "speech", "debug_store", "uploads"}
 LAYERS = {"pipeline": 2, "services": 3, "http": 4, "cli": 5, "__main__": 5}
 """Rank of each part above the leaves (1) and base (0): a part imports only lower ranks."""
 

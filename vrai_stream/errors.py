@@ -234,3 +234,39 @@ ALL_ERRORS: tuple[type[ServiceError], ...] = (
     DiskFull,
     InternalError,
 )
+
+
+class UploadNotFound(RefusedUpload):
+    """No resumable upload with this id here: never made, another user's, or on a machine
+    that has stopped.  The client must send the whole recording again."""
+
+    status, code = 404, "upload_not_found"
+
+
+class UploadExpired(RefusedUpload):
+    """The upload was given up (not resumed in time, cancelled, or evicted)."""
+
+    status, code = 410, "upload_expired"
+
+
+class UploadOffsetMismatch(RefusedUpload):
+    """A resumption that does not start where the upload stands; `Upload-Offset` says where."""
+
+    status, code = 409, "upload_offset_mismatch"
+
+    def __init__(self, message: str, *, fields: dict[str, str]) -> None:
+        super().__init__(message)
+        self.fields = fields
+        """The draft's fields that say where the upload stands, sent as headers."""
+
+
+class IdempotencyKeyReused(RefusedUpload):
+    """The same Idempotency-Key was sent with a different request."""
+
+    status, code = 422, "idempotency_key_reused"
+
+
+class IdempotencyKeyInUse(RefusedUpload):
+    """The first request with this key ended without an answer to repeat; try again."""
+
+    status, code = 409, "idempotency_key_in_use"

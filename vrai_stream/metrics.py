@@ -44,3 +44,15 @@ AUDIO_SECONDS = Counter(
 CLEANUP_FAILURES = Counter(
     "vrai_cleanup_failures", "Temp files that could not be deleted", registry=REGISTRY
 )
+UPLOAD_RESUMPTIONS = Counter(
+    "vrai_upload_resumptions", "Uploads resumed after their connection dropped", registry=REGISTRY
+)
+UPLOADS_ENDED = Counter(
+    "vrai_uploads_ended",
+    "Resumable uploads given up: expired (grace over), evicted (cap), cancelled, or drained",
+    ["reason"],
+    registry=REGISTRY,
+)
+IDEMPOTENT_REPLAYS = Counter(
+    "vrai_idempotent_replays", "Requests answered again from an Idempotency-Key", registry=REGISTRY
+)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import re
 from dataclasses import dataclass
 
 from vrai_stream.admission import Admission
@@ -17,9 +19,19 @@ from vrai_stream.speech.summarize import Summarizer
 from vrai_stream.speech.transcribers import create_transcriber
 from vrai_stream.speech.transcribers.base import Transcriber
 from vrai_stream.spool import Budget, usable_tmp_dir
+from vrai_stream.uploads.idempotency import IdempotencyKeys
+from vrai_stream.uploads.registry import Uploads
 from vrai_stream.warmup import Lazy
 
 logger = logging.getLogger("vrai_stream.services")
+
+LOCAL_MACHINE = "local"
+
+
+def machine_id() -> str:
+    """This machine's id on Fly.io, which routes a resumed upload back to it; `local` elsewhere."""
+    found = os.environ.get("FLY_MACHINE_ID", "")
+    return found if re.fullmatch(r"[A-Za-z0-9_-]{1,64}", found) else LOCAL_MACHINE
 
 
 @dataclass
@@ -34,6 +46,8 @@ class Services:
     debug: DebugStore
     summarizer: Summarizer
     auth: Authenticator
+    uploads: Uploads
+    idempotency: IdempotencyKeys
 
     @classmethod
     def create(cls, settings: Settings, ffmpeg: str) -> Services:
@@ -63,7 +77,18 @@ class Services:
             debug=debug,
             summarizer=Summarizer(settings),
             auth=create_authenticator(settings.auth),
+            uploads=Uploads(
+                machine=machine_id(),
+                grace_seconds=settings.resume_grace_seconds,
+                max_waiting=settings.resume_max_waiting,
+                idle_timeout_seconds=settings.idle_timeout_seconds,
+            ),
+            idempotency=IdempotencyKeys(settings.idempotency_ttl_seconds),
         )
+
+    @property
+    def on_fly(self) -> bool:
+        return self.uploads.machine != LOCAL_MACHINE
 
     async def aclose(self) -> None:
         await self.debug.aclose()

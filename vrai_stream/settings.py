@@ -230,6 +230,17 @@ class Settings:
         default=5, metadata=integer("VRAI_RETRY_AFTER_SECONDS", minimum=1)
     )
 
+    # Resumable uploads and retries
+    resume_grace_seconds: float = field(
+        default=60.0, metadata=number("VRAI_RESUME_GRACE_SECONDS", minimum=0, maximum=3600)
+    )
+    resume_max_waiting: int = field(
+        default=8, metadata=integer("VRAI_RESUME_MAX_WAITING", minimum=0)
+    )
+    idempotency_ttl_seconds: float = field(
+        default=86400.0, metadata=number("VRAI_IDEMPOTENCY_TTL_SECONDS", minimum=0)
+    )
+
     # ffmpeg and spools
     ffmpeg: str | None = field(default=None, metadata=text("VRAI_FFMPEG"))
     mp3_bitrate_kbps: int = field(

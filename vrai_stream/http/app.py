@@ -21,7 +21,7 @@ from starlette.routing import Route
 
 from vrai_stream import errors, metrics
 from vrai_stream.heap import trim_when_idle
-from vrai_stream.http import page, routes
+from vrai_stream.http import page, routes, uploads
 from vrai_stream.http.openapi import build_openapi
 from vrai_stream.http.responses import error_response
 from vrai_stream.media.child_process import kill_unreaped
@@ -59,6 +59,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 try:
                     yield
                 finally:
+                    # A waiting upload could only be resumed on this machine: end it now.
+                    services.uploads.end_all("drained")
                     # uvicorn has cancelled the jobs the drain did not see end, without
                     # waiting for them: let them stop their ffmpeg and remove their files.
                     with anyio.move_on_after(JOB_CLEANUP_SECONDS):
@@ -80,6 +82,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Route("/openapi.json", openapi_document, methods=["GET"]),
             Route("/v1/transcriptions", routes.transcriptions, methods=["POST"]),
             Route("/v1/audio/transcriptions", routes.openai_transcriptions, methods=["POST"]),
+            Route(
+                "/v1/uploads/{machine}/{upload_id}",
+                uploads.upload_resource,
+                methods=["HEAD", "PATCH", "DELETE"],
+            ),
             Route("/trim-and-transcribe", routes.trim_and_transcribe, methods=["POST"]),
             Route(
                 "/trim-and-transcribe-multipart",

@@ -105,6 +105,8 @@ def _error_headers(exc: errors.ServiceError) -> dict[str, str]:
     headers = {}
     if exc.retry_after_seconds is not None:
         headers["Retry-After"] = str(exc.retry_after_seconds)
+    if isinstance(exc, errors.UploadOffsetMismatch):
+        headers.update(exc.fields)
     if isinstance(exc, errors.Unauthorized):
         headers["WWW-Authenticate"] = exc.challenge
     return headers

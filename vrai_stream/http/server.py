@@ -16,6 +16,7 @@ then up to `LINGER_SECONDS` (or `LINGER_BYTES`) of reading and discarding what s
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import socket
@@ -27,11 +28,12 @@ from typing import Any
 import httptools
 import uvicorn
 from starlette.applications import Starlette
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from vrai_stream import errors
 from vrai_stream.settings import Settings
 from vrai_stream.telemetry import log_request
+from vrai_stream.uploads.protocol import INTERIM_EXTENSION
 
 logger = logging.getLogger("vrai_stream.http.server")
 
@@ -145,6 +147,25 @@ class StagedCloseProtocol(HttpToolsProtocol):
             self._refusal = errors.HeadersTooLarge(HEAD_TOO_LARGE)
             raise httptools.HttpParserError  # stops the parser; uvicorn calls send_400_response
         super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle.scope is self.scope:
+            # ASGI has no interim responses; the resumable-upload draft needs its 104.
+            send = functools.partial(self._send_interim, cycle)
+            self.scope.setdefault("extensions", {})[INTERIM_EXTENSION] = {"send": send}
+
+    def _send_interim(
+        self, cycle: RequestResponseCycle, status: int, reason: str, headers: list[tuple[str, str]]
+    ) -> bool:
+        """Write a 1xx response ahead of the final one; False once that is too late."""
+        if cycle.response_started or cycle.disconnected or self._real_transport.is_closing():
+            return False
+        lines = [f"HTTP/1.1 {status} {reason}"]
+        for name, value in headers:
+            if any(c in name + value for c in "\r\n\0"):
+                raise ValueError(f"{name} holds a line break")
+            lines.append(f"{name}: {value}")
+        self._real_transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        return True
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to a request its parser refused, in the service's JSON shape."""

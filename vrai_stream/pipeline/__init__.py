@@ -130,10 +130,11 @@ class Pipeline:
         listener: JobListener,
     ) -> None:
         settings = self._settings
+        idle = spec.idle_timeout_seconds
         body = limited(
             chunks,
             max_bytes=settings.max_body_bytes,
-            idle_timeout=settings.idle_timeout_seconds,
+            idle_timeout=settings.idle_timeout_seconds if idle is None else idle,
             meter=meter,
         )
         head, layout = await _read_head(body)

@@ -43,6 +43,8 @@ class JobSpec:
     user_id: str = ANONYMOUS
     want_mp3: bool = False
     options: TranscribeOptions = field(default_factory=TranscribeOptions)
+    idle_timeout_seconds: float | None = None
+    """Longest silence in the body; None: the setting.  A resumable upload times its own."""
 
 
 @dataclass

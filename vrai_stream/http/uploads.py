@@ -1,0 +1,100 @@
+"""`/v1/uploads/<machine>/<id>`: a resumable upload (draft-ietf-httpbis-resumable-upload).
+
+`HEAD` tells how far the upload has come, `PATCH` sends the rest from there, `DELETE` gives
+it up.  The request that completes the upload gets the answer the first request would have
+had.  On Fly.io a request that reaches another machine is sent to the one holding the upload
+with `fly-replay`, before its body is read (Fly replays at most 1 MB of body), and the
+replay is cached for the upload's path, so the `PATCH` after a `HEAD` goes straight there.
+"""
+
+from __future__ import annotations
+
+import math
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from vrai_stream import errors
+from vrai_stream.http.endpoint import Answer, Job, endpoint, request_body
+from vrai_stream.services import Services
+from vrai_stream.uploads.protocol import PARTIAL_UPLOAD, VERSIONS, Draft, draft_of
+from vrai_stream.uploads.session import State, UploadSession
+
+REPLAY_TIMEOUT = "5s"
+"""How long Fly's proxy tries the machine holding the upload before sending the request back."""
+
+
+@endpoint("uploads", idempotent=False)
+async def upload_resource(job: Job) -> Answer:
+    request = job.request
+    services = job.services
+    machine = request.path_params["machine"]
+    if machine != services.uploads.machine:
+        return _elsewhere(request, machine, services)
+    await job.authenticate()
+    draft = draft_of(request.headers) or Draft(VERSIONS[-1])
+    upload = services.uploads.find(request.path_params["upload_id"], job.user_id)
+    if request.method == "HEAD":
+        fields = _state(draft, upload)
+        return Response(status_code=204, headers={**fields, "Cache-Control": "no-store"})
+    if request.method == "DELETE":
+        upload.end("cancelled")
+        return Response(
+            status_code=204, headers={"Upload-Draft-Interop-Version": str(draft.version)}
+        )
+    return await _append(job, upload, draft)
+
+
+async def _append(job: Job, upload: UploadSession, draft: Draft) -> Response:
+    """`PATCH`: the rest of the body, from exactly where the upload stands."""
+    headers = job.request.headers
+    offset = draft.offset(headers)
+    if offset is None:
+        raise errors.InvalidParameters("A PATCH to an upload needs Upload-Offset")
+    media_type = headers.get("content-type", "").split(";")[0].strip().lower()
+    if draft.version >= 6 and media_type != PARTIAL_UPLOAD:
+        raise errors.InvalidParameters(f"A PATCH to an upload is typed {PARTIAL_UPLOAD}")
+    complete = draft.complete(headers)
+    if upload.state is not State.COMPLETE:
+        await upload.take_over()  # the old connection may still seem alive: it is not
+    if upload.state is State.ENDED:
+        raise errors.UploadExpired("This upload ended and cannot be resumed; send it again")
+    if upload.state is State.COMPLETE or offset != upload.offset:
+        raise errors.UploadOffsetMismatch(
+            f"The upload stands at byte {upload.offset}"
+            + (" and is complete" if upload.state is State.COMPLETE else "; resume from there"),
+            fields=_state(draft, upload),
+        )
+    job.services.uploads.resumed(upload)
+    job.body_started = True
+    finished = complete is not False
+    fed = await upload.feed(request_body(job.request), complete=finished)
+    if upload.answered or (fed and finished):
+        answer = await upload.answer()
+        answer.headers.update(_state(draft, upload))
+        return answer
+    if not fed:
+        raise errors.ClientDisconnected("The client disconnected during the upload")
+    return Response(status_code=204, headers=_state(draft, upload))
+
+
+def _state(draft: Draft, upload: UploadSession) -> dict[str, str]:
+    return draft.state(offset=upload.offset, complete=upload.state is State.COMPLETE)
+
+
+def _elsewhere(request: Request, machine: str, services: Services) -> Response:
+    """Another machine's upload: Fly's proxy is asked to replay the request there."""
+    replayed = "fly-replay-src" in request.headers or "fly-replay-failed" in request.headers
+    if not services.on_fly or replayed:
+        raise errors.UploadNotFound(
+            "The machine that held this upload has stopped or cannot be reached; "
+            "send the whole recording again"
+        )
+    headers = {"fly-replay": f"instance={machine};timeout={REPLAY_TIMEOUT};fallback=force_self"}
+    host = request.headers.get("host", "").rsplit(":", 1)[0]
+    if host:
+        headers["fly-replay-cache"] = f"{host}/v1/uploads/{machine}/*"
+        ttl = max(10, math.ceil(services.uploads.grace_seconds))
+        headers["fly-replay-cache-ttl-secs"] = str(ttl)
+    # 421 Misdirected Request: what a client sees if no proxy acts on the replay.
+    return Response(status_code=421, headers=headers)

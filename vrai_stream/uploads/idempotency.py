@@ -1,0 +1,104 @@
+"""`Idempotency-Key` (draft-ietf-httpapi-idempotency-key-header): a retried request gets the
+first one's answer instead of a second transcription.
+
+Keys are per user.  A request is known by its fingerprint: method, path, query, media
+type and a hash of its body, so the same key with another recording is refused (422).
+Only a final answer is kept (not a 5xx, a timeout or a vanished client: those may go
+another way next time), and only one that can be sent again as it is (a JSON transcript,
+not a streamed MP3).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import anyio
+
+from vrai_stream import errors
+
+MAX_KEY_LENGTH = 255
+MAX_ENTRIES = 10_000
+"""Keys kept at most, oldest dropped first: memory stays bounded whatever clients send."""
+MAX_KEPT_ANSWER_BYTES = 4 * 1024 * 1024
+TRANSIENT_STATUSES = frozenset({408, 409, 429, 499})
+
+
+@dataclass(frozen=True)
+class KeptAnswer:
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+
+@dataclass
+class Entry:
+    expires_at: float
+    fingerprint: str | None = None
+    answer: KeptAnswer | None = None
+    settled: anyio.Event = field(default_factory=anyio.Event)
+    """Set when the first request has ended, with or without an answer to keep."""
+
+
+class Fingerprint:
+    """The hash of a request, fed its body as it streams."""
+
+    def __init__(self, method: str, path: str, query: str, content_type: str) -> None:
+        self._hash = hashlib.sha256()
+        for part in (method, path, query, content_type):
+            self._hash.update(part.encode() + b"\0")
+
+    def update(self, chunk: bytes) -> None:
+        self._hash.update(chunk)
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
+def check_key(raw: str) -> str:
+    key = raw.strip()
+    if not key or len(key) > MAX_KEY_LENGTH or not key.isprintable():
+        raise errors.InvalidParameters(
+            f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} printable characters"
+        )
+    return key
+
+
+class IdempotencyKeys:
+    def __init__(self, ttl_seconds: float) -> None:
+        self._ttl = ttl_seconds
+        self._entries: OrderedDict[tuple[str, str], Entry] = OrderedDict()
+
+    def claim(self, user_id: str, key: str) -> tuple[Entry, bool]:
+        """The entry for this key, and whether this request is the first to use it."""
+        self._drop_expired()
+        existing = self._entries.get((user_id, key))
+        if existing is not None:
+            return existing, False
+        entry = Entry(expires_at=anyio.current_time() + self._ttl)
+        self._entries[(user_id, key)] = entry
+        while len(self._entries) > MAX_ENTRIES:
+            self._entries.popitem(last=False)
+        return entry, True
+
+    def settle(self, user_id: str, key: str, entry: Entry, answer: KeptAnswer | None) -> None:
+        """The first request is over: keep its answer, or free the key for another try."""
+        if answer is None or answer.status >= 500 or answer.status in TRANSIENT_STATUSES:
+            entry.answer = None
+            if self._entries.get((user_id, key)) is entry:
+                del self._entries[(user_id, key)]
+        else:
+            entry.answer = answer
+        entry.settled.set()
+
+    def _drop_expired(self) -> None:
+        now = anyio.current_time()
+        while self._entries:
+            oldest = next(iter(self._entries.values()))
+            if oldest.expires_at > now:
+                break
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)

@@ -1,0 +1,97 @@
+"""Every resumable upload this machine holds, found by its id and bound to its user."""
+
+from __future__ import annotations
+
+import secrets
+from collections import OrderedDict
+
+from vrai_stream import errors, metrics
+from vrai_stream.uploads.session import State, UploadSession
+
+ID_BYTES = 24
+"""192 random bits: an id cannot be guessed, and the path carries nothing else secret."""
+REMEMBERED_ENDINGS = 4096
+"""How many ended uploads are told apart from ones that never were (410, not 404)."""
+
+
+class Uploads:
+    def __init__(
+        self,
+        *,
+        machine: str,
+        grace_seconds: float,
+        max_waiting: int,
+        idle_timeout_seconds: float,
+    ) -> None:
+        self.machine = machine
+        """This machine's id on Fly.io (`FLY_MACHINE_ID`), `local` elsewhere: part of each path."""
+        self.grace_seconds = grace_seconds
+        self._max_waiting = max_waiting
+        self._idle = idle_timeout_seconds
+        self._sessions: dict[str, UploadSession] = {}
+        self._ended: OrderedDict[str, str] = OrderedDict()
+
+    def create(self, *, user_id: str, request_id: str) -> UploadSession:
+        upload_id = secrets.token_urlsafe(ID_BYTES)
+        session = UploadSession(
+            upload_id=upload_id,
+            path=f"/v1/uploads/{self.machine}/{upload_id}",
+            user_id=user_id,
+            request_id=request_id,
+            grace_seconds=self.grace_seconds,
+            idle_timeout_seconds=self._idle,
+            on_waiting=self.enforce_cap,
+        )
+        self._sessions[upload_id] = session
+        return session
+
+    def find(self, upload_id: str, user_id: str) -> UploadSession:
+        """The user's upload; another user's is as unknown as one that never was."""
+        session = self._sessions.get(upload_id)
+        if session is not None and secrets.compare_digest(session.user_id, user_id):
+            if session.state is State.ENDED:
+                raise errors.UploadExpired(
+                    f"This upload ended ({session.ended_because}) and cannot be resumed; "
+                    "send the whole recording again"
+                )
+            return session
+        if session is None and upload_id in self._ended:
+            raise errors.UploadExpired(
+                f"This upload ended ({self._ended[upload_id]}) and cannot be resumed; "
+                "send the whole recording again"
+            )
+        raise errors.UploadNotFound(
+            "No upload with this id is held here; send the whole recording again"
+        )
+
+    def resumed(self, session: UploadSession) -> None:
+        session.resumptions += 1
+        metrics.UPLOAD_RESUMPTIONS.inc()
+
+    def waiting(self) -> list[UploadSession]:
+        return [s for s in self._sessions.values() if s.state is State.WAITING]
+
+    def enforce_cap(self) -> None:
+        """End the oldest waiting uploads beyond the cap: each holds a job slot and memory."""
+        waiting = sorted(self.waiting(), key=lambda s: s.waiting_since or 0.0)
+        for session in waiting[: max(0, len(waiting) - self._max_waiting)]:
+            session.end("evicted")
+
+    def forget(self, session: UploadSession) -> None:
+        """The job is over: the id is remembered only as ended."""
+        if self._sessions.pop(session.id, None) is None:
+            return
+        if session.ended_because is not None:
+            metrics.UPLOADS_ENDED.labels(reason=session.ended_because).inc()
+            self._ended[session.id] = session.ended_because
+            while len(self._ended) > REMEMBERED_ENDINGS:
+                self._ended.popitem(last=False)
+
+    def end_all(self, because: str) -> None:
+        """The machine is going away: no waiting upload could be resumed here."""
+        for session in list(self._sessions.values()):
+            if session.state is State.WAITING:
+                session.end(because)
+
+    def __len__(self) -> int:
+        return len(self._sessions)

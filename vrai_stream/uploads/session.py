@@ -1,0 +1,186 @@
+"""One resumable upload: the body its job reads, fed by one connection at a time.
+
+The job reads `chunks()` as it would read a request's body.  A connection that drops
+leaves the job waiting, ffmpeg and all, for up to `grace` seconds; a request that resumes
+at the right offset feeds the rest, and the answer goes to whichever request ends the
+upload.  The offset counts what the job has taken, so a byte is never read twice or lost.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncIterator, Callable
+
+import anyio
+from starlette.responses import Response
+
+from vrai_stream import errors
+
+
+class State(enum.Enum):
+    RECEIVING = "receiving"
+    WAITING = "waiting"
+    """No connection feeds it: its client may come back until the grace ends."""
+    COMPLETE = "complete"
+    """Every byte has arrived; the job may still be running."""
+    ENDED = "ended"
+    """Given up (grace over, cancelled, evicted): nothing more can be sent."""
+
+
+class UploadSession:
+    def __init__(
+        self,
+        *,
+        upload_id: str,
+        path: str,
+        user_id: str,
+        request_id: str,
+        grace_seconds: float,
+        idle_timeout_seconds: float,
+        on_waiting: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.id = upload_id
+        self.path = path
+        """The upload's resource, as clients address it (`/v1/uploads/<machine>/<id>`)."""
+        self.user_id = user_id
+        self.request_id = request_id
+        self.state = State.RECEIVING
+        self.offset = 0
+        self.waiting_since: float | None = None
+        self.resumptions = 0
+        self.ended_because: str | None = None
+        self._grace = grace_seconds
+        self._idle = idle_timeout_seconds
+        self._send, self._receive = anyio.create_memory_object_stream[bytes](0)
+        self._feeder: anyio.CancelScope | None = None
+        self._feeder_gone = anyio.Event()
+        self._feeder_gone.set()
+        self._wait: anyio.CancelScope | None = None
+        self._answer: Response | None = None
+        self._answered = anyio.Event()
+        self._on_waiting = on_waiting
+
+    # --- the job's side ---------------------------------------------------------------
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body as the job sees it: one stream, whatever connections carried it."""
+        while True:
+            with anyio.CancelScope(deadline=self._deadline()) as wait:
+                self._wait = wait
+                try:
+                    chunk = await self._receive.receive()
+                except anyio.EndOfStream:
+                    if self.state is State.COMPLETE:
+                        return
+                    raise errors.ClientDisconnected(self._why_ended()) from None
+                finally:
+                    self._wait = None
+            if wait.cancelled_caught:
+                if self.state is State.RECEIVING:
+                    self._drop_feeder()  # stalled: as good as dropped, and it may come back
+                    continue
+                self.end("expired")
+                raise errors.ClientDisconnected(self._why_ended())
+            self.offset += len(chunk)
+            yield chunk
+
+    def _deadline(self) -> float:
+        if self.state is State.WAITING and self.waiting_since is not None:
+            return self.waiting_since + self._grace
+        if self.state is State.RECEIVING:
+            return anyio.current_time() + self._idle
+        return float("inf")
+
+    def _why_ended(self) -> str:
+        if self.ended_because == "expired":
+            return f"The client did not resume the upload within {self._grace:g} s"
+        if self.ended_because == "cancelled":
+            return "The client cancelled the upload"
+        if self.ended_because == "evicted":
+            return "Too many uploads were waiting to be resumed; this one, the oldest, ended"
+        return "The client disconnected during the upload"
+
+    # --- the connections' side --------------------------------------------------------
+
+    async def feed(self, chunks: AsyncIterator[bytes], *, complete: bool) -> bool:
+        """Pass one request's body to the job; True when it was read to its end.
+
+        The request before it, if it still seems to be sending, is cut off first: a client
+        resumes only once it has given up on the old connection.
+        """
+        await self.take_over()
+        self.state = State.RECEIVING
+        self.waiting_since = None
+        self._retime()
+        self._feeder_gone = anyio.Event()
+        try:
+            with anyio.CancelScope() as scope:
+                self._feeder = scope
+                try:
+                    async for chunk in chunks:
+                        await self._send.send(chunk)
+                except errors.ClientDisconnected:
+                    pass
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    return False  # the job is over: nothing more to read
+                else:
+                    if complete:
+                        self.state = State.COMPLETE
+                        self._send.close()
+                    else:
+                        self._wait_for_more()
+                    return True
+            self._wait_for_more()
+            return False
+        finally:
+            self._feeder = None
+            self._feeder_gone.set()
+
+    async def take_over(self) -> None:
+        """Cut off the request feeding the job now, and wait until it has let go."""
+        self._drop_feeder()
+        await self._feeder_gone.wait()
+
+    def _drop_feeder(self) -> None:
+        if self._feeder is not None:
+            self._feeder.cancel()
+        self._wait_for_more()
+
+    def _wait_for_more(self) -> None:
+        if self.state is State.RECEIVING:
+            self.state = State.WAITING
+            self.waiting_since = anyio.current_time()
+            self._retime()
+            self._on_waiting()
+
+    def _retime(self) -> None:
+        if self._wait is not None:
+            self._wait.deadline = self._deadline()
+
+    def end(self, because: str) -> None:
+        """Give the upload up: its job fails as if the client had gone, and cleans up."""
+        if self.state in (State.ENDED, State.COMPLETE):
+            return
+        self.state = State.ENDED
+        self.ended_because = because
+        if self._feeder is not None:
+            self._feeder.cancel()
+        self._send.close()
+
+    # --- the answer -------------------------------------------------------------------
+
+    def deliver(self, response: Response) -> None:
+        """The job is over: its answer goes to the request that resumed it, and a request
+        still sending is told the job reads no more."""
+        self._answer = response
+        self._answered.set()
+        self._receive.close()
+
+    async def answer(self) -> Response:
+        await self._answered.wait()
+        assert self._answer is not None
+        return self._answer
+
+    @property
+    def answered(self) -> bool:
+        return self._answered.is_set()
