@@ -109,6 +109,8 @@ class UploadSession:
         resumes only once it has given up on the old connection.
         """
         await self.take_over()
+        if self.state in (State.ENDED, State.COMPLETE):
+            return False
         self.state = State.RECEIVING
         self.waiting_since = None
         self._retime()

@@ -1,0 +1,183 @@
+"""The resumable upload's parts alone: the draft's fields (`uploads/protocol`), and a session
+fed by one connection after another (`uploads/session`, `uploads/registry`)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from vrai_stream import errors
+from vrai_stream.uploads.protocol import Draft, draft_of
+from vrai_stream.uploads.registry import Uploads
+from vrai_stream.uploads.session import State, UploadSession
+
+pytestmark = pytest.mark.anyio
+
+
+def test_each_interop_version_reads_and_writes_its_own_fields() -> None:
+    v3, v6 = Draft(3), Draft(6)
+    assert v3.complete({"upload-incomplete": "?0"}) is True
+    assert v3.complete({"upload-complete": "?1"}) is None  # not a field of version 3
+    assert v6.complete({"upload-complete": "?0"}) is False
+    assert v3.state(offset=7, complete=False) == {
+        "Upload-Draft-Interop-Version": "3",
+        "Upload-Offset": "7",
+        "Upload-Incomplete": "?1",
+    }
+    assert v6.state(offset=7, complete=True)["Upload-Complete"] == "?1"
+    assert draft_of({}) is None
+    assert draft_of({"upload-draft-interop-version": "5"}) == Draft(5)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"upload-draft-interop-version": "4"},
+        {"upload-draft-interop-version": "latest"},
+    ],
+)
+def test_an_unknown_version_is_refused(fields: dict[str, str]) -> None:
+    with pytest.raises(errors.InvalidParameters):
+        draft_of(fields)
+
+
+@pytest.mark.parametrize("raw", ["-1", "1e3", "0x10", "9" * 16, ""])
+def test_a_malformed_offset_is_refused(raw: str) -> None:
+    with pytest.raises(errors.InvalidParameters):
+        Draft(6).offset({"upload-offset": raw})
+
+
+@pytest.mark.parametrize("raw", ["1", "true", "?2"])
+def test_a_malformed_boolean_is_refused(raw: str) -> None:
+    with pytest.raises(errors.InvalidParameters):
+        Draft(6).complete({"upload-complete": raw})
+
+
+def session(*, grace: float = 5.0, idle: float = 5.0) -> UploadSession:
+    return UploadSession(
+        upload_id="id",
+        path="/v1/uploads/local/id",
+        user_id="alice",
+        request_id="r",
+        grace_seconds=grace,
+        idle_timeout_seconds=idle,
+    )
+
+
+async def pieces(*parts: bytes, then_drop: bool = False) -> AsyncIterator[bytes]:
+    for part in parts:
+        yield part
+        await anyio.lowlevel.checkpoint()
+    if then_drop:
+        raise errors.ClientDisconnected("gone")
+
+
+async def read_all(
+    upload: UploadSession, into: list[bytes], failures: list[BaseException] | None = None
+) -> None:
+    """What the job does: read the body to its end, or fail as a disconnect."""
+    try:
+        async for chunk in upload.chunks():
+            into.append(chunk)
+    except errors.ClientDisconnected as exc:
+        if failures is None:
+            raise
+        failures.append(exc)
+
+
+async def test_a_dropped_connection_waits_and_the_next_one_carries_on() -> None:
+    upload = session()
+    read: list[bytes] = []
+    async with anyio.create_task_group() as group:
+        group.start_soon(read_all, upload, read)
+        assert not await upload.feed(pieces(b"ab", b"cd", then_drop=True), complete=True)
+        assert upload.state is State.WAITING
+        assert upload.offset == 4
+        assert await upload.feed(pieces(b"ef"), complete=True)
+    assert b"".join(read) == b"abcdef"
+    assert upload.state is State.COMPLETE
+
+
+async def test_an_upload_not_resumed_in_time_fails_the_job_as_a_disconnect() -> None:
+    upload = session(grace=0.2)
+    failures: list[BaseException] = []
+    async with anyio.create_task_group() as group:
+        group.start_soon(read_all, upload, [], failures)
+        await upload.feed(pieces(b"ab", then_drop=True), complete=True)
+    assert [str(f) for f in failures] == ["The client did not resume the upload within 0.2 s"]
+    assert upload.ended_because == "expired"
+    assert not await upload.feed(pieces(b"cd"), complete=True)  # too late: nothing is read
+    assert upload.state is State.ENDED
+
+
+async def test_a_stalled_connection_is_treated_as_dropped() -> None:
+    upload = session(idle=0.1, grace=5.0)
+
+    async def stalls() -> AsyncIterator[bytes]:
+        yield b"ab"
+        await anyio.sleep_forever()
+        yield b""  # pragma: no cover
+
+    read: list[bytes] = []
+    async with anyio.create_task_group() as group:
+        group.start_soon(read_all, upload, read)
+        assert not await upload.feed(stalls(), complete=True)  # cut off by the job's idle time
+        assert upload.state is State.WAITING
+        await upload.feed(pieces(b"cd"), complete=True)
+    assert b"".join(read) == b"abcd"
+
+
+async def test_a_resumption_takes_over_from_a_connection_that_still_seems_alive() -> None:
+    upload = session()
+    read: list[bytes] = []
+
+    async def slow() -> AsyncIterator[bytes]:
+        yield b"ab"
+        await anyio.sleep_forever()
+        yield b""  # pragma: no cover
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(read_all, upload, read)
+        group.start_soon(lambda: upload.feed(slow(), complete=True))
+        with anyio.fail_after(5):
+            while upload.offset < 2:  # noqa: ASYNC110 (the reader's progress)
+                await anyio.sleep(0.01)
+        await upload.take_over()
+        assert upload.offset == 2
+        await upload.feed(pieces(b"cd"), complete=True)
+    assert b"".join(read) == b"abcd"
+
+
+async def test_waiting_uploads_beyond_the_cap_end_oldest_first() -> None:
+    uploads = Uploads(machine="local", grace_seconds=60, max_waiting=2, idle_timeout_seconds=5)
+    made = [uploads.create(user_id="alice", request_id=str(n)) for n in range(4)]
+    failures: list[BaseException] = []
+    async with anyio.create_task_group() as group:
+        for upload in made:
+            group.start_soon(read_all, upload, [], failures)
+        for upload in made:
+            await upload.feed(pieces(b"x", then_drop=True), complete=True)
+            await anyio.sleep(0.01)
+        assert [u.ended_because for u in made] == ["evicted", "evicted", None, None]
+        for upload in made[2:]:
+            upload.end("cancelled")
+    assert len(failures) == 4
+    for upload in made:
+        uploads.forget(upload)
+    with pytest.raises(errors.UploadExpired):
+        uploads.find(made[0].id, "alice")
+    with pytest.raises(errors.UploadNotFound):
+        uploads.find("never-made", "alice")
+
+
+async def test_an_upload_is_found_only_by_its_user() -> None:
+    uploads = Uploads(machine="m1", grace_seconds=60, max_waiting=2, idle_timeout_seconds=5)
+    upload = uploads.create(user_id="alice", request_id="r")
+    assert upload.path == f"/v1/uploads/m1/{upload.id}"
+    assert len(upload.id) >= 32  # 192 random bits, url-safe
+    assert uploads.find(upload.id, "alice") is upload
+    with pytest.raises(errors.UploadNotFound):
+        uploads.find(upload.id, "bob")
