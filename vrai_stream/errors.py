@@ -201,41 +201,6 @@ class InternalError(ServiceError):
     status, code = 500, "internal_error"
 
 
-ALL_ERRORS: tuple[type[ServiceError], ...] = (
-    InvalidHttp,
-    HeadersTooLarge,
-    InvalidParameters,
-    InvalidWindow,
-    EmptyBody,
-    MissingAudioPart,
-    BodyNotAudio,
-    InvalidJson,
-    InvalidBase64,
-    InvalidMultipart,
-    Unauthorized,
-    AuthUnavailable,
-    NotFound,
-    MethodNotAllowed,
-    UploadTimeout,
-    BodyTooLarge,
-    FieldTooLarge,
-    UndecodableAudio,
-    UnsupportedFormat,
-    NoAudioInWindow,
-    TranscodeTimeout,
-    TranscodeInterrupted,
-    ClientDisconnected,
-    TranscriptionFailed,
-    Busy,
-    TranscriberUnavailable,
-    SummaryUnavailable,
-    SummaryFailed,
-    TranscriptionTimeout,
-    DiskFull,
-    InternalError,
-)
-
-
 class UploadNotFound(RefusedUpload):
     """No resumable upload with this id here: never made, another user's, or on a machine
     that has stopped.  The client must send the whole recording again."""
@@ -270,3 +235,43 @@ class IdempotencyKeyInUse(RefusedUpload):
     """The first request with this key ended without an answer to repeat; try again."""
 
     status, code = 409, "idempotency_key_in_use"
+
+
+ALL_ERRORS: tuple[type[ServiceError], ...] = (
+    InvalidHttp,
+    HeadersTooLarge,
+    InvalidParameters,
+    InvalidWindow,
+    EmptyBody,
+    MissingAudioPart,
+    BodyNotAudio,
+    InvalidJson,
+    InvalidBase64,
+    InvalidMultipart,
+    Unauthorized,
+    AuthUnavailable,
+    NotFound,
+    MethodNotAllowed,
+    UploadTimeout,
+    BodyTooLarge,
+    FieldTooLarge,
+    UndecodableAudio,
+    UnsupportedFormat,
+    NoAudioInWindow,
+    TranscodeTimeout,
+    TranscodeInterrupted,
+    ClientDisconnected,
+    TranscriptionFailed,
+    Busy,
+    TranscriberUnavailable,
+    SummaryUnavailable,
+    SummaryFailed,
+    TranscriptionTimeout,
+    DiskFull,
+    InternalError,
+    UploadNotFound,
+    UploadExpired,
+    UploadOffsetMismatch,
+    IdempotencyKeyReused,
+    IdempotencyKeyInUse,
+)

@@ -150,6 +150,97 @@ def _body_operation(
     }
 
 
+_UPLOAD_FIELDS = {
+    "Upload-Draft-Interop-Version": "3 (iOS 17), 5 or 6 (iOS 18)",
+    "Upload-Offset": "Bytes of the body received so far",
+    "Upload-Complete": "?1 once every byte has arrived (interop 5, 6)",
+    "Upload-Incomplete": "?0 once every byte has arrived (interop 3)",
+}
+_UPLOAD_ERRORS = (
+    errors.InvalidParameters,
+    errors.Unauthorized,
+    errors.AuthUnavailable,
+    errors.UploadNotFound,
+    errors.UploadExpired,
+)
+
+
+def _upload_resource() -> dict[str, Any]:
+    """A resumable upload (draft-ietf-httpbis-resumable-upload), made by a `POST` to an
+    audio endpoint that carries `Upload-Draft-Interop-Version` and is announced by a 104."""
+    parameters = [
+        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+        for name in ("machine", "upload_id")
+    ]
+    state = {
+        name: {"description": text, "schema": {"type": "string"}}
+        for name, text in _UPLOAD_FIELDS.items()
+    }
+    version = {
+        "name": "Upload-Draft-Interop-Version",
+        "in": "header",
+        "schema": {"enum": ["3", "5", "6"]},
+    }
+    return {
+        "parameters": parameters,
+        "head": {
+            "summary": "How far the upload has come: `Upload-Offset`, `Upload-Complete`.",
+            "parameters": [version],
+            "responses": {
+                "204": {"description": "Where the upload stands", "headers": state},
+                **_error_responses(*_UPLOAD_ERRORS),
+            },
+        },
+        "patch": {
+            "summary": "Send the rest of the body from `Upload-Offset`; the request that "
+            "completes the upload gets the audio endpoint's answer.",
+            "parameters": [
+                version,
+                {
+                    "name": "Upload-Offset",
+                    "in": "header",
+                    "required": True,
+                    "schema": {"type": "integer", "minimum": 0},
+                },
+                {"name": "Upload-Complete", "in": "header", "schema": {"enum": ["?0", "?1"]}},
+            ],
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/partial-upload": {"schema": {"type": "string", "format": "binary"}}
+                },
+            },
+            "responses": {
+                "200": {
+                    "description": "Complete: the answer the request that began it would have had",
+                    "headers": state,
+                    "content": {
+                        "application/json": {
+                            "schema": {"$ref": "#/components/schemas/Transcription"}
+                        }
+                    },
+                },
+                "204": {
+                    "description": "Appended; the upload is not complete yet",
+                    "headers": state,
+                },
+                "421": {
+                    "description": "Another machine holds the upload (`fly-replay` sends it there)"
+                },
+                **_error_responses(*_UPLOAD_ERRORS, errors.UploadOffsetMismatch),
+            },
+        },
+        "delete": {
+            "summary": "Give the upload up: its job ends and nothing of it is kept.",
+            "parameters": [version],
+            "responses": {
+                "204": {"description": "Cancelled"},
+                **_error_responses(*_UPLOAD_ERRORS),
+            },
+        },
+    }
+
+
 def build_openapi() -> dict[str, Any]:
     success_ref = {"$ref": "#/components/schemas/Transcription"}
     return {
@@ -274,6 +365,7 @@ def build_openapi() -> dict[str, Any]:
                     },
                 }
             },
+            "/v1/uploads/{machine}/{upload_id}": _upload_resource(),
             "/trim-and-transcribe": _body_operation(
                 "Legacy: JSON body with the recording as base64 in `fileBlob`.",
                 "application/json",
