@@ -217,6 +217,9 @@ class DrainingServer(uvicorn.Server):
             logger.info("draining: new jobs are refused", extra={"signal": sig})
             # A signal handler interrupts the loop anywhere: let the loop close admission.
             self._loop.call_soon_threadsafe(services.admission.close)
+            # An upload waiting for its client could only be resumed here: end it now,
+            # or the drain would wait out its grace.
+            self._loop.call_soon_threadsafe(services.uploads.end_all, "drained")
         super().handle_exit(sig, frame)
 
 

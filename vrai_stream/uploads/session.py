@@ -98,6 +98,8 @@ class UploadSession:
             return "The client cancelled the upload"
         if self.ended_because == "evicted":
             return "Too many uploads were waiting to be resumed; this one, the oldest, ended"
+        if self.ended_because == "drained":
+            return "The server is shutting down; the upload cannot be resumed here"
         return "The client disconnected during the upload"
 
     # --- the connections' side --------------------------------------------------------
