@@ -35,6 +35,10 @@ async def upload_resource(job: Job) -> Answer:
     draft = draft_of(request.headers) or Draft(VERSIONS[-1])
     upload = services.uploads.find(request.path_params["upload_id"], job.user_id)
     if request.method == "HEAD":
+        # A client asks where to resume once it has given up its connection: if the server
+        # still reads that one, it stops, so the offset it answers holds for the PATCH.
+        if upload.state is State.RECEIVING:
+            await upload.take_over()
         fields = _state(draft, upload)
         return Response(status_code=204, headers={**fields, "Cache-Control": "no-store"})
     if request.method == "DELETE":

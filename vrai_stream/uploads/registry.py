@@ -11,7 +11,7 @@ from vrai_stream.uploads.session import State, UploadSession
 ID_BYTES = 24
 """192 random bits: an id cannot be guessed, and the path carries nothing else secret."""
 REMEMBERED_ENDINGS = 4096
-"""How many ended uploads are told apart from ones that never were (410, not 404)."""
+"""How many finished uploads are told apart from ones that never were (410, not 404)."""
 
 
 class Uploads:
@@ -83,9 +83,9 @@ class Uploads:
             return
         if session.ended_because is not None:
             metrics.UPLOADS_ENDED.labels(reason=session.ended_because).inc()
-            self._ended[session.id] = session.ended_because
-            while len(self._ended) > REMEMBERED_ENDINGS:
-                self._ended.popitem(last=False)
+        self._ended[session.id] = session.ended_because or "completed and answered"
+        while len(self._ended) > REMEMBERED_ENDINGS:
+            self._ended.popitem(last=False)
 
     def end_all(self, because: str) -> None:
         """The machine is going away: no waiting upload could be resumed here."""
