@@ -91,7 +91,9 @@ async def create(
 ) -> Attempt:
     """The upload's creation: the ordinary POST, chunked, with the draft's fields."""
     fields = {**headers, **draft_fields(version, complete=True)}
-    return await exchange("POST", url, fields, data, cut_after_bytes=cut_after_bytes, pace=pace)
+    return await exchange(
+        "POST", url, fields, data, cut_after_bytes=cut_after_bytes, pace=pace, interim=True
+    )
 
 
 async def offset(location: str, *, headers: Mapping[str, str], version: int = 6) -> Offset:
@@ -145,8 +147,12 @@ async def exchange(
     cut_after_bytes: int | None = None,
     pace: float | None = None,
     chunked: bool = True,
+    interim: bool = False,
 ) -> Attempt:
-    """One request on a connection of its own; a transport failure marks the attempt cut."""
+    """One request on a connection of its own; a transport failure marks the attempt cut.
+
+    `interim`: a 104 is expected, and a cut waits for it (a resume URL to come back to).
+    """
     target = httpx.URL(url)
     attempt = Attempt()
     try:
@@ -171,7 +177,7 @@ async def exchange(
                 group.start_soon(_read, stream, connection, attempt, answered)
                 if body is not None:
                     await _send_body(
-                        stream, connection, body, attempt, answered, cut_after_bytes, pace
+                        stream, connection, body, attempt, answered, cut_after_bytes, pace, interim
                     )
                 if attempt.cut:
                     group.cancel_scope.cancel()
@@ -190,6 +196,7 @@ async def _send_body(
     answered: anyio.Event,
     cut_after_bytes: int | None,
     pace: float | None,
+    interim: bool,
 ) -> None:
     for piece in _pieces(body, cut_after_bytes):
         if answered.is_set():
@@ -199,7 +206,7 @@ async def _send_body(
         await stream.send(connection.send(h11.Data(data=piece)))
         attempt.sent += len(piece)
         if cut_after_bytes is not None and attempt.sent >= cut_after_bytes:
-            await _drop(stream, attempt)
+            await _drop(stream, attempt, interim)
             return
     await stream.send(connection.send(h11.EndOfMessage()))
 
@@ -215,9 +222,9 @@ def _pieces(body: bytes, cut_after_bytes: int | None) -> Iterator[bytes]:
         position = end
 
 
-async def _drop(stream: anyio.abc.SocketStream, attempt: Attempt) -> None:
-    """Drop the connection as a lost link does: a reset, once the 104 has been read."""
-    with anyio.move_on_after(5):
+async def _drop(stream: anyio.abc.SocketStream, attempt: Attempt, interim: bool) -> None:
+    """Drop the connection as a lost link does: a reset, once a 104 expected has come."""
+    with anyio.move_on_after(5 if interim else 0):
         while attempt.location is None and attempt.status is None:  # noqa: ASYNC110
             await anyio.sleep(0.01)
     with anyio.move_on_after(1):
