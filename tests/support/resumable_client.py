@@ -176,9 +176,19 @@ async def exchange(
             async with anyio.create_task_group() as group:
                 group.start_soon(_read, stream, connection, attempt, answered)
                 if body is not None:
-                    await _send_body(
-                        stream, connection, body, attempt, answered, cut_after_bytes, pace, interim
-                    )
+                    try:
+                        await _send_body(
+                            stream,
+                            connection,
+                            body,
+                            attempt,
+                            answered,
+                            cut_after_bytes,
+                            pace,
+                            interim,
+                        )
+                    except TRANSPORT_ERRORS:
+                        attempt.cut = attempt.status is None  # the link dropped mid-body
                 if attempt.cut:
                     group.cancel_scope.cancel()
         except TRANSPORT_ERRORS:
@@ -297,6 +307,8 @@ class ResumableUploader:
         self._attempts = attempts
         self._backoff = backoff
         self.requests: list[Step] = []
+        self.bytes_sent = 0
+        """Body bytes sent, over every request: what resuming costs the phone's data plan."""
 
     async def upload(self, url: str, data: bytes, *, headers: Mapping[str, str]) -> Attempt:
         reply = await create(
@@ -308,6 +320,7 @@ class ResumableUploader:
             pace=self._pace,
         )
         self.requests.append(Step("POST", reply.status, 0))
+        self.bytes_sent += reply.sent
         location = reply.location
         for tries in range(self._attempts):
             if not reply.cut:
@@ -329,6 +342,7 @@ class ResumableUploader:
                 pace=self._pace,
             )
             self.requests.append(Step("PATCH", reply.status, where.offset))
+            self.bytes_sent += reply.sent
             if reply.status == 409:
                 reply.cut = True  # the offset moved: ask again
         return reply
