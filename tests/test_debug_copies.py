@@ -35,7 +35,7 @@ from vrai_stream.media.sniff import Layout, Mode
 from vrai_stream.settings import Settings
 
 from .support.audio import decoded_seconds, run_ffmpeg
-from .support.resumable_client import append, create, offset
+from .support.resumable_client import Attempt, append, create, offset
 from .support.s3_server import (
     GARBAGE,
     REGION,
@@ -585,20 +585,24 @@ async def test_client_disconnect_mid_upload_leaves_nothing_in_the_bucket(
     server.wait_idle()
 
 
+async def begin_cut_off(server: Server, audio: bytes) -> Attempt:
+    """A resumable upload (MP3 answer) whose connection drops once a part has gone up."""
+    wait_ready(server)
+    return await create(
+        f"{server.url}/v1/transcriptions?fromTime=0&toTime=600",
+        audio,
+        headers={"Content-Type": "audio/wav", "Accept": "audio/mpeg"},
+        cut_after_bytes=PART + 3 * MiB,
+    )
+
+
 async def test_a_resumable_upload_not_resumed_aborts_its_multipart_upload(
     make_server: Any, moto: MotoServer, s3: Any, bucket: str, recordings: dict[str, bytes]
 ) -> None:
     """Its connection dropped after a part went up, and nobody came back within the grace:
     the multipart upload is aborted and nothing is kept, as for any disconnect."""
     server = s3_server(make_server, moto.url, bucket, VRAI_RESUME_GRACE_SECONDS="2")
-    wait_ready(server)
-    audio = recordings["20MB.wav"]
-    attempt = await create(
-        f"{server.url}/v1/transcriptions?fromTime=0&toTime=600",
-        audio,
-        headers={"Content-Type": "audio/wav", "Accept": "audio/mpeg"},
-        cut_after_bytes=PART + 3 * MiB,
-    )
+    attempt = await begin_cut_off(server, recordings["20MB.wav"])
     assert attempt.cut and attempt.location
     wait_for(lambda: multipart_uploads(s3, bucket), what="the input's multipart upload")
     logged = request_log(server, timeout=20)
@@ -613,14 +617,8 @@ async def test_a_resumed_upload_keeps_one_whole_input_copy(
     make_server: Any, moto: MotoServer, s3: Any, bucket: str, recordings: dict[str, bytes]
 ) -> None:
     server = s3_server(make_server, moto.url, bucket)
-    wait_ready(server)
     audio = recordings["20MB.wav"]
-    attempt = await create(
-        f"{server.url}/v1/transcriptions?fromTime=0&toTime=600",
-        audio,
-        headers={"Content-Type": "audio/wav", "Accept": "audio/mpeg"},
-        cut_after_bytes=PART + 3 * MiB,
-    )
+    attempt = await begin_cut_off(server, audio)
     assert attempt.location
     where = await offset(attempt.location, headers={})
     done = await append(attempt.location, audio[where.offset :], where.offset, headers={})

@@ -281,21 +281,25 @@ def addresses(servers: dict[str, Server]) -> dict[str, tuple[str, int]]:
     return {name: ("127.0.0.1", httpx.URL(s.url).port or 0) for name, s in servers.items()}
 
 
+async def begin_on_m1(proxy: FlyProxy, recording: bytes, *, cut_after_bytes: int) -> str:
+    """An upload begun through the proxy on machine m1, its connection cut: its resume URL."""
+    proxy.route_next("m1")
+    attempt = await create(
+        f"{proxy.url}{WINDOW}",
+        recording,
+        headers={"Content-Type": "audio/wav"},
+        cut_after_bytes=cut_after_bytes,
+    )
+    location = started(attempt)
+    assert "/v1/uploads/m1/" in location
+    return location
+
+
 async def test_a_resume_that_reaches_another_machine_completes_on_the_first(
     machines: dict[str, Server], recording: bytes, uninterrupted: dict[str, Any]
 ) -> None:
     async with FlyProxy(addresses(machines)) as proxy:
-        proxy.route_next("m1")
-        location = started(
-            await create(
-                f"{proxy.url}{WINDOW}",
-                recording,
-                headers={"Content-Type": "audio/wav"},
-                cut_after_bytes=700_000,
-            )
-        )
-        assert "/v1/uploads/m1/" in location
-        location = location.replace(httpx.URL(location).host, "127.0.0.1")
+        location = await begin_on_m1(proxy, recording, cut_after_bytes=700_000)
         proxy.route_next("m2")  # the resume lands on the other machine
         where = await offset(location, headers={}, version=6)
         assert where.status == 204
@@ -325,17 +329,8 @@ async def test_a_resume_for_a_machine_that_stopped_is_told_to_start_over(
     )
     try:
         async with FlyProxy(addresses(servers)) as proxy:
-            proxy.route_next("m1")
-            location = started(
-                await create(
-                    f"{proxy.url}{WINDOW}",
-                    recording,
-                    headers={"Content-Type": "audio/wav"},
-                    cut_after_bytes=300_000,
-                )
-            )
+            location = await begin_on_m1(proxy, recording, cut_after_bytes=300_000)
             servers["m1"].stop()
-            location = location.replace(httpx.URL(location).host, "127.0.0.1")
             proxy.route_next("m2")
             head = await offset(location, headers={}, version=6)
             assert head.status == 404
