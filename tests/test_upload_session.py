@@ -3,6 +3,8 @@ fed by one connection after another (`uploads/session`, `uploads/registry`)."""
 
 from __future__ import annotations
 
+import os
+import random
 from collections.abc import AsyncIterator
 
 import anyio
@@ -181,3 +183,27 @@ async def test_an_upload_is_found_only_by_its_user() -> None:
     assert uploads.find(upload.id, "alice") is upload
     with pytest.raises(errors.UploadNotFound):
         uploads.find(upload.id, "bob")
+
+
+async def test_nothing_is_lost_or_doubled_however_often_waits_are_cut_short() -> None:
+    """A job whose idle timeout is shorter than the gaps between chunks cuts its feeder off
+    again and again, mid hand-off; each time the next one resumes from the offset."""
+    data = os.urandom(300_000)
+    upload = session(idle=0.002, grace=30)
+    read: list[bytes] = []
+    generator = random.Random(7)
+    feeds = 0
+
+    async def rest(start: int) -> AsyncIterator[bytes]:
+        for position in range(start, len(data), 1500):
+            await anyio.sleep(generator.choice((0, 0, 0, 0.001, 0.003)))
+            yield data[position : position + 1500]
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(read_all, upload, read)
+        with anyio.fail_after(60):
+            while upload.state is not State.COMPLETE:
+                feeds += 1
+                await upload.feed(rest(upload.offset), complete=True)
+    assert b"".join(read) == data
+    assert feeds > 5, "the timeouts never cut a feeder off: the test proves nothing"

@@ -9,6 +9,7 @@ upload.  The offset counts what the job has taken, so a byte is never read twice
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import AsyncIterator, Callable
 
 import anyio
@@ -25,6 +26,70 @@ class State(enum.Enum):
     """Every byte has arrived; the job may still be running."""
     ENDED = "ended"
     """Given up (grace over, cancelled, evicted): nothing more can be sent."""
+
+
+class _Handoff:
+    """One chunk at a time from a connection to the job.
+
+    A chunk is the job's only once the job's own code has taken it, so a wait cut short on
+    either side (a deadline, a connection cut off) loses nothing and doubles nothing: a
+    chunk not taken is withdrawn by its sender.  (A memory stream hands the item over when
+    the sender runs, and a receive cancelled just after loses it.)
+    """
+
+    def __init__(self) -> None:
+        self._chunk: bytes | None = None
+        self._ready = anyio.Event()
+        """A chunk waits, or the hand-off has closed."""
+        self._taken = anyio.Event()
+        self.closed = False
+        """Nothing more will come: the upload is complete or given up, or the job is over."""
+        self._wait: anyio.CancelScope | None = None
+
+    def retime(self, deadline: float) -> None:
+        """Move the deadline of a `take` under way (the upload's state changed)."""
+        if self._wait is not None:
+            self._wait.deadline = deadline
+
+    async def put(self, chunk: bytes) -> None:
+        """Wait until the job has taken `chunk`; BrokenResourceError if it never will."""
+        if self.closed:
+            raise anyio.BrokenResourceError
+        self._chunk = chunk
+        self._taken = anyio.Event()
+        self._ready.set()
+        try:
+            await self._taken.wait()
+        finally:
+            taken = self._chunk is not chunk
+            if not taken:
+                self._withdraw()  # cut short, or closed: the chunk was never the job's
+        if not taken:
+            raise anyio.BrokenResourceError
+
+    def _withdraw(self) -> None:
+        self._chunk = None
+        if not self.closed:
+            self._ready = anyio.Event()
+
+    async def take(self, deadline: float) -> bytes | None:
+        """The next chunk; None once closed; TimeoutError when none came by `deadline`."""
+        with anyio.CancelScope(deadline=deadline) as self._wait:
+            await self._ready.wait()
+        self._wait = None
+        if self._chunk is not None:
+            chunk, self._chunk = self._chunk, None
+            self._ready = anyio.Event()
+            self._taken.set()
+            return chunk
+        if self.closed:
+            return None
+        raise TimeoutError
+
+    def close(self) -> None:
+        self.closed = True
+        self._ready.set()
+        self._taken.set()  # a sender still waiting learns it now
 
 
 class UploadSession:
@@ -51,11 +116,10 @@ class UploadSession:
         self.ended_because: str | None = None
         self._grace = grace_seconds
         self._idle = idle_timeout_seconds
-        self._send, self._receive = anyio.create_memory_object_stream[bytes](0)
+        self._handoff = _Handoff()
         self._feeder: anyio.CancelScope | None = None
         self._feeder_gone = anyio.Event()
         self._feeder_gone.set()
-        self._wait: anyio.CancelScope | None = None
         self._answer: Response | None = None
         self._answered = anyio.Event()
         self._on_waiting = on_waiting
@@ -65,21 +129,18 @@ class UploadSession:
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body as the job sees it: one stream, whatever connections carried it."""
         while True:
-            with anyio.CancelScope(deadline=self._deadline()) as wait:
-                self._wait = wait
-                try:
-                    chunk = await self._receive.receive()
-                except anyio.EndOfStream:
-                    if self.state is State.COMPLETE:
-                        return
-                    raise errors.ClientDisconnected(self._why_ended()) from None
-                finally:
-                    self._wait = None
-            if wait.cancelled_caught:
+            try:
+                chunk = await self._handoff.take(self._deadline())
+            except TimeoutError:
                 if self.state is State.RECEIVING:
                     self._drop_feeder()  # stalled: as good as dropped, and it may come back
                     continue
-                self.end("expired")
+                if self.state is State.WAITING:
+                    self.end("expired")
+                continue  # the state changed meanwhile: wait again on its own terms
+            if chunk is None:
+                if self.state is State.COMPLETE:
+                    return
                 raise errors.ClientDisconnected(self._why_ended())
             self.offset += len(chunk)
             yield chunk
@@ -89,7 +150,7 @@ class UploadSession:
             return self.waiting_since + self._grace
         if self.state is State.RECEIVING:
             return anyio.current_time() + self._idle
-        return float("inf")
+        return math.inf
 
     def _why_ended(self) -> str:
         if self.ended_because == "expired":
@@ -122,7 +183,7 @@ class UploadSession:
                 self._feeder = scope
                 try:
                     async for chunk in chunks:
-                        await self._send.send(chunk)
+                        await self._handoff.put(chunk)
                 except errors.ClientDisconnected:
                     pass
                 except (anyio.BrokenResourceError, anyio.ClosedResourceError):
@@ -130,7 +191,7 @@ class UploadSession:
                 else:
                     if complete:
                         self.state = State.COMPLETE
-                        self._send.close()
+                        self._handoff.close()
                     else:
                         self._wait_for_more()
                     return True
@@ -158,8 +219,7 @@ class UploadSession:
             self._on_waiting()
 
     def _retime(self) -> None:
-        if self._wait is not None:
-            self._wait.deadline = self._deadline()
+        self._handoff.retime(self._deadline())
 
     def end(self, because: str) -> None:
         """Give the upload up: its job fails as if the client had gone, and cleans up."""
@@ -169,7 +229,7 @@ class UploadSession:
         self.ended_because = because
         if self._feeder is not None:
             self._feeder.cancel()
-        self._send.close()
+        self._handoff.close()
 
     # --- the answer -------------------------------------------------------------------
 
@@ -178,7 +238,7 @@ class UploadSession:
         still sending is told the job reads no more."""
         self._answer = response
         self._answered.set()
-        self._receive.close()
+        self._handoff.close()
 
     async def answer(self) -> Response:
         await self._answered.wait()
