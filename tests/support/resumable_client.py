@@ -1,22 +1,27 @@
 """A client of "Resumable Uploads for HTTP" (draft-ietf-httpbis-resumable-upload), written
 from the draft's examples and from what Apple's URLSession sends: interop version 3 (draft
 -01, iOS 17: `Upload-Incomplete`) and 5 or 6 (iOS 18: `Upload-Complete`, appends typed
-`application/partial-upload`).
+`application/partial-upload` from 6 on).
 
-Test scaffolding: it speaks HTTP/1.1 itself with h11 over a plain socket, because the
+Test scaffolding: it speaks HTTP/1.1 itself with h11 over `anyio.connect_tcp`, because the
 resume URL arrives in a `104` interim response that httpx does not show.  It can cut its
 own connection after so many body bytes (a reset, as a dropped link gives the server), and
 `ResumableUploader` does what URLSession does when a connection drops: ask the offset
-(`HEAD`), send the rest (`PATCH`), again and again.  Not done: `OPTIONS`, uploads created
-incomplete (`Upload-Complete: ?0` on the `POST`), HTTP/2, TLS.
+(`HEAD`), send the rest (`PATCH`), again and again.  A relative `Location` is resolved
+against the request's URL.
+
+Not done: `OPTIONS`, uploads created incomplete (`Upload-Complete: ?0` on the `POST`),
+`Upload-Length`/`Upload-Limit`, digests, redirects, keep-alive (one connection per
+request), HTTP/2, TLS.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +38,8 @@ TRANSPORT_ERRORS = (
     anyio.ClosedResourceError,
     h11.RemoteProtocolError,
 )
+Body = bytes | Iterable[bytes]
+"""A body whole, or in the chunks to send it in."""
 
 
 @dataclass
@@ -40,8 +47,10 @@ class Attempt:
     """One request: the resume URL its 104 gave, and its final answer unless it was cut."""
 
     location: str | None = None
+    """The upload's URL: the 104's `Location` made absolute (an append's: where it went)."""
     status: int | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    """The final answer's, names in lower case."""
     body: bytes = b""
     sent: int = 0
     """Body bytes handed to the socket."""
@@ -53,7 +62,9 @@ class Attempt:
 
 
 @dataclass(frozen=True)
-class Offset:
+class OffsetReply:
+    """A `HEAD`'s answer: `status` 0 and `offset` -1 when the request itself failed."""
+
     status: int
     offset: int
     complete: bool | None
@@ -62,6 +73,8 @@ class Offset:
 
 @dataclass(frozen=True)
 class Step:
+    """One request `ResumableUploader` made, for tests to assert on."""
+
     method: str
     status: int | None
     offset: int
@@ -69,6 +82,7 @@ class Step:
 
 
 def draft_fields(version: int, *, complete: bool) -> dict[str, str]:
+    """The draft's fields: interop 3 says it the other way round (`Upload-Incomplete`)."""
     if version >= 5:
         return {
             "Upload-Draft-Interop-Version": str(version),
@@ -82,21 +96,32 @@ def draft_fields(version: int, *, complete: bool) -> dict[str, str]:
 
 async def create(
     url: str,
-    data: bytes,
+    data: Body,
     *,
     headers: Mapping[str, str],
     version: int = 6,
     cut_after_bytes: int | None = None,
+    chunk_size: int = CHUNK,
     pace: float | None = None,
 ) -> Attempt:
-    """The upload's creation: the ordinary POST, chunked, with the draft's fields."""
+    """The upload's creation: the ordinary POST, chunked, with the draft's fields.
+
+    `pace`: bytes a second, to send as a slow link would.
+    """
     fields = {**headers, **draft_fields(version, complete=True)}
     return await exchange(
-        "POST", url, fields, data, cut_after_bytes=cut_after_bytes, pace=pace, interim=True
+        "POST",
+        url,
+        fields,
+        data,
+        cut_after_bytes=cut_after_bytes,
+        chunk_size=chunk_size,
+        pace=pace,
+        interim=True,
     )
 
 
-async def offset(location: str, *, headers: Mapping[str, str], version: int = 6) -> Offset:
+async def offset(location: str, *, headers: Mapping[str, str], version: int = 6) -> OffsetReply:
     """`HEAD` on the upload: how far it has come."""
     fields = {**headers, "Upload-Draft-Interop-Version": str(version)}
     reply = await exchange("HEAD", location, fields, None)
@@ -106,7 +131,7 @@ async def offset(location: str, *, headers: Mapping[str, str], version: int = 6)
     elif "upload-incomplete" in reply.headers:
         complete = reply.headers["upload-incomplete"] == "?0"
     raw = reply.headers.get("upload-offset", "-1")
-    return Offset(reply.status or 0, int(raw), complete, reply.headers)
+    return OffsetReply(reply.status or 0, int(raw), complete, reply.headers)
 
 
 async def append(
@@ -120,7 +145,8 @@ async def append(
     cut_after_bytes: int | None = None,
     pace: float | None = None,
 ) -> Attempt:
-    """`PATCH`: the rest of the body from offset `at`."""
+    """`PATCH`: the rest of the body from offset `at` (the caller's `Content-Type` is the
+    upload's, not the append's, so it is dropped).  The attempt's `location` is the upload's."""
     fields = {
         **{k: v for k, v in headers.items() if k.lower() != "content-type"},
         **draft_fields(version, complete=complete),
@@ -128,12 +154,15 @@ async def append(
     }
     if version >= 6:
         fields["Content-Type"] = "application/partial-upload"
-    return await exchange(
+    attempt = await exchange(
         "PATCH", location, fields, rest, cut_after_bytes=cut_after_bytes, pace=pace, chunked=False
     )
+    attempt.location = attempt.location or location
+    return attempt
 
 
 async def cancel(location: str, *, headers: Mapping[str, str], version: int = 6) -> int:
+    """`DELETE` on the upload: its status, 0 if the request failed."""
     fields = {**headers, "Upload-Draft-Interop-Version": str(version)}
     return (await exchange("DELETE", location, fields, None)).status or 0
 
@@ -142,9 +171,10 @@ async def exchange(
     method: str,
     url: str,
     headers: Mapping[str, str],
-    body: bytes | None,
+    body: Body | None,
     *,
     cut_after_bytes: int | None = None,
+    chunk_size: int = CHUNK,
     pace: float | None = None,
     chunked: bool = True,
     interim: bool = False,
@@ -162,35 +192,33 @@ async def exchange(
         return attempt
     connection = h11.Connection(h11.CLIENT)
     fields = [("Host", target.netloc.decode()), *headers.items()]
-    if body is not None:
-        fields.append(
-            ("Transfer-Encoding", "chunked") if chunked else ("Content-Length", str(len(body)))
-        )
-    path = target.raw_path.decode()
+    if body is not None and not chunked and not isinstance(body, bytes):
+        body = b"".join(body)
+    if isinstance(body, bytes) and not chunked:
+        fields.append(("Content-Length", str(len(body))))
+    elif body is not None:
+        fields.append(("Transfer-Encoding", "chunked"))
+    request = h11.Request(method=method, target=target.raw_path.decode(), headers=fields)
     async with stream:
         answered = anyio.Event()
         try:
-            await stream.send(
-                connection.send(h11.Request(method=method, target=path, headers=fields))
-            )
+            await stream.send(connection.send(request))
             async with anyio.create_task_group() as group:
-                group.start_soon(_read, stream, connection, attempt, answered)
-                if body is not None:
-                    try:
-                        await _send_body(
-                            stream,
-                            connection,
-                            body,
-                            attempt,
-                            answered,
-                            cut_after_bytes,
-                            pace,
-                            interim,
-                        )
-                    except TRANSPORT_ERRORS:
-                        attempt.cut = attempt.status is None  # the link dropped mid-body
+                group.start_soon(_read, stream, connection, target, attempt, answered)
+                # The link may drop mid-body: the reader keeps what came before.
+                with contextlib.suppress(*TRANSPORT_ERRORS):
+                    await _send_body(
+                        stream,
+                        connection,
+                        None if body is None else _pieces(body, cut_after_bytes, chunk_size),
+                        attempt,
+                        answered,
+                        cut_after_bytes=cut_after_bytes,
+                        pace=pace,
+                        interim=interim,
+                    )
                 if attempt.cut:
-                    group.cancel_scope.cancel()
+                    group.cancel_scope.cancel()  # we dropped it: nothing more will come
         except TRANSPORT_ERRORS:
             attempt.cut = True
     if attempt.status is None:
@@ -201,44 +229,59 @@ async def exchange(
 async def _send_body(
     stream: anyio.abc.SocketStream,
     connection: h11.Connection,
-    body: bytes,
+    pieces: Iterator[bytes] | None,
     attempt: Attempt,
     answered: anyio.Event,
+    *,
     cut_after_bytes: int | None,
     pace: float | None,
     interim: bool,
 ) -> None:
-    for piece in _pieces(body, cut_after_bytes):
+    """The body, then its end; or, at the cut, a dropped connection instead of the end."""
+    for piece in pieces or ():
         if answered.is_set():
             return  # answered early (an error): the rest is not wanted
         if pace:
             await anyio.sleep(len(piece) / pace)
         await stream.send(connection.send(h11.Data(data=piece)))
         attempt.sent += len(piece)
-        if cut_after_bytes is not None and attempt.sent >= cut_after_bytes:
-            await _drop(stream, attempt, interim)
-            return
-    await stream.send(connection.send(h11.EndOfMessage()))
+    if cut_after_bytes is not None and attempt.sent >= cut_after_bytes:
+        await _drop(stream, attempt, interim)
+    elif not answered.is_set():
+        await stream.send(connection.send(h11.EndOfMessage()))
 
 
-def _pieces(body: bytes, cut_after_bytes: int | None) -> Iterator[bytes]:
-    """The body in chunks, one of them ending exactly where the cut is."""
+def _pieces(body: Body, cut_after_bytes: int | None, chunk_size: int) -> Iterator[bytes]:
+    """The body in chunks (bytes sliced, chunks given as they are), the last one ending
+    exactly where the cut is."""
+    chunks = (
+        (body[i : i + chunk_size] for i in range(0, len(body), chunk_size))
+        if isinstance(body, bytes)
+        else body
+    )
     position = 0
-    while position < len(body):
-        end = min(position + CHUNK, len(body))
-        if cut_after_bytes is not None and position < cut_after_bytes < end:
-            end = cut_after_bytes
-        yield body[position:end]
-        position = end
+    for chunk in chunks:
+        if cut_after_bytes is not None and position + len(chunk) >= cut_after_bytes:
+            if cut_after_bytes > position:
+                yield chunk[: cut_after_bytes - position]
+            return
+        if chunk:
+            position += len(chunk)
+            yield chunk
 
 
 async def _drop(stream: anyio.abc.SocketStream, attempt: Attempt, interim: bool) -> None:
-    """Drop the connection as a lost link does: a reset, once a 104 expected has come."""
+    """Drop the connection as a lost link does: a reset, once a 104 expected has come.
+
+    With SO_LINGER 0, closing sends an RST and no FIN (anyio's asyncio `aclose` aborts the
+    transport): the server reads a reset, not a clean end of the body.
+    """
     with anyio.move_on_after(5 if interim else 0):
         while attempt.location is None and attempt.status is None:  # noqa: ASYNC110
             await anyio.sleep(0.01)
-    with anyio.move_on_after(1):
-        await anyio.sleep(0.05)  # let the server read what was sent
+    await anyio.sleep(0.05)  # let the server read what was sent
+    if attempt.status is not None:
+        return  # answered already (an early error): nothing left to cut
     raw: socket.socket = stream.extra(anyio.abc.SocketAttribute.raw_socket)
     raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     attempt.cut = True
@@ -248,25 +291,28 @@ async def _drop(stream: anyio.abc.SocketStream, attempt: Attempt, interim: bool)
 async def _read(
     stream: anyio.abc.SocketStream,
     connection: h11.Connection,
+    base: httpx.URL,
     attempt: Attempt,
     answered: anyio.Event,
 ) -> None:
+    """Read the answer into `attempt`: a 104's Location, then the final status and body."""
     body = bytearray()
     while True:
-        event = connection.next_event()
-        if event is h11.NEED_DATA:
-            try:
-                data = await stream.receive()
-            except anyio.EndOfStream:
-                data = b""
-            except TRANSPORT_ERRORS:
-                return
-            connection.receive_data(data)
-            continue
+        try:
+            event = connection.next_event()
+            if event is h11.NEED_DATA:
+                try:
+                    connection.receive_data(await stream.receive())
+                except anyio.EndOfStream:
+                    connection.receive_data(b"")
+                continue
+        except TRANSPORT_ERRORS:  # reset, or closed before the answer ended
+            attempt.body = bytes(body)
+            return
         if isinstance(event, h11.InformationalResponse):
             fields = _headers(event.headers)
             if event.status_code == 104 and "location" in fields:
-                attempt.location = fields["location"]
+                attempt.location = str(base.join(fields["location"]))
         elif isinstance(event, h11.Response):
             attempt.status = event.status_code
             attempt.headers = _headers(event.headers)
@@ -280,7 +326,7 @@ async def _read(
             return
 
 
-def _headers(raw: Any) -> dict[str, str]:
+def _headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
     return {name.decode().lower(): value.decode() for name, value in raw}
 
 
@@ -288,14 +334,15 @@ class ResumableUploader:
     """What URLSession does for an upload task: on a dropped connection, ask the offset and
     send the rest, until the upload completes or the server says it is gone.
 
-    `cuts`: where, as fractions of the whole recording, the test drops the connection
-    (each once); `pace`: bytes a second, to send as a slow link would.
+    `cuts`: where, as fractions of the whole body, the test drops the connection (each
+    once, in the attempt that crosses it); `pace`: bytes a second, as a slow link sends.
+    `attempts` bounds the resumptions; the wait between them grows by `backoff` up to 5x.
     """
 
     def __init__(
         self,
         *,
-        cuts: tuple[float, ...] | list[float] = (),
+        cuts: Iterable[float] = (),
         version: int = 6,
         pace: float | None = None,
         attempts: int = 20,
@@ -311,6 +358,8 @@ class ResumableUploader:
         """Body bytes sent, over every request: what resuming costs the phone's data plan."""
 
     async def upload(self, url: str, data: bytes, *, headers: Mapping[str, str]) -> Attempt:
+        """The final answer (`cut` if the retries ran out, or if the connection dropped
+        before a 104 gave a resume URL); an answer to the HEAD other than 204 ends it too."""
         reply = await create(
             url,
             data,
@@ -323,13 +372,13 @@ class ResumableUploader:
         self.bytes_sent += reply.sent
         location = reply.location
         for tries in range(self._attempts):
-            if not reply.cut:
+            if not reply.cut or location is None:
                 return reply
-            if location is None:
-                return reply  # dropped before the 104: nothing to resume
             await anyio.sleep(self._backoff * min(tries, 5))
             where = await offset(location, headers=headers, version=self._version)
-            self.requests.append(Step("HEAD", where.status, where.offset))
+            self.requests.append(Step("HEAD", where.status or None, where.offset))
+            if where.status == 0:
+                continue  # the HEAD's own connection failed: ask again
             if where.status != 204:
                 return Attempt(location, where.status, where.headers)
             reply = await append(
@@ -350,8 +399,7 @@ class ResumableUploader:
     def _cut_after(self, at: int, total: int) -> int | None:
         """Bytes of this request after which the next planned cut falls, if any."""
         while self._cuts:
-            position = int(self._cuts[0] * total)
-            self._cuts.pop(0)
+            position = int(self._cuts.pop(0) * total)
             if position > at:
                 return position - at
         return None
