@@ -344,3 +344,22 @@ async def test_a_resume_for_a_machine_that_stopped_is_told_to_start_over(
     finally:
         for server in servers.values():
             server.stop()
+
+
+async def test_a_path_cannot_add_fields_to_the_replay(machines: dict[str, Server]) -> None:
+    """The machine in the path goes into `fly-replay`: only a machine id may."""
+    fields = {"Upload-Draft-Interop-Version": "6"}
+    async with httpx.AsyncClient(base_url=machines["m2"].url) as client:
+        fine = await client.head("/v1/uploads/m1/abc", headers=fields)
+        assert fine.status_code == 421
+        assert fine.headers["fly-replay"] == "instance=m1;timeout=5s;fallback=force_self"
+        for machine in ("m1;app=other-app", "m1%3Bapp%3Dother-app", "m1%0d%0aX-Evil:%201"):
+            hostile = await client.patch(
+                f"/v1/uploads/{machine}/abc",
+                content=b"x",
+                headers={**fields, "Upload-Offset": "0"},
+            )
+            assert hostile.status_code == 404, machine
+            assert hostile.json()["code"] == "upload_not_found"
+            assert "fly-replay" not in hostile.headers
+            assert "x-evil" not in hostile.headers

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from dataclasses import dataclass
 
 from vrai_stream.admission import Admission
@@ -20,7 +19,7 @@ from vrai_stream.speech.transcribers import create_transcriber
 from vrai_stream.speech.transcribers.base import Transcriber
 from vrai_stream.spool import Budget, usable_tmp_dir
 from vrai_stream.uploads.idempotency import IdempotencyKeys
-from vrai_stream.uploads.registry import Uploads
+from vrai_stream.uploads.registry import MACHINE_ID, Uploads
 from vrai_stream.warmup import Lazy
 
 logger = logging.getLogger("vrai_stream.services")
@@ -31,7 +30,7 @@ LOCAL_MACHINE = "local"
 def machine_id() -> str:
     """This machine's id on Fly.io, which routes a resumed upload back to it; `local` elsewhere."""
     found = os.environ.get("FLY_MACHINE_ID", "")
-    return found if re.fullmatch(r"[A-Za-z0-9_-]{1,64}", found) else LOCAL_MACHINE
+    return found if MACHINE_ID.fullmatch(found) else LOCAL_MACHINE
 
 
 @dataclass

@@ -18,6 +18,7 @@ from vrai_stream import errors
 from vrai_stream.http.endpoint import Answer, Job, endpoint, request_body
 from vrai_stream.services import Services
 from vrai_stream.uploads.protocol import PARTIAL_UPLOAD, VERSIONS, Draft, draft_of
+from vrai_stream.uploads.registry import MACHINE_ID
 from vrai_stream.uploads.session import State, UploadSession
 
 REPLAY_TIMEOUT = "5s"
@@ -89,7 +90,7 @@ def _state(draft: Draft, upload: UploadSession) -> dict[str, str]:
 def _elsewhere(request: Request, machine: str, services: Services) -> Response:
     """Another machine's upload: Fly's proxy is asked to replay the request there."""
     replayed = "fly-replay-src" in request.headers or "fly-replay-failed" in request.headers
-    if not services.on_fly or replayed:
+    if not services.on_fly or replayed or not MACHINE_ID.fullmatch(machine):
         raise errors.UploadNotFound(
             "The machine that held this upload has stopped or cannot be reached; "
             "send the whole recording again"

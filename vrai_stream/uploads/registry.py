@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections import OrderedDict
 
 from vrai_stream import errors, metrics
 from vrai_stream.uploads.session import State, UploadSession
 
+MACHINE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+"""What a machine's id may be (Fly's are hex): it goes into a `fly-replay` header, where a
+`;` or `=` from a client's path would add fields of its own (`app=`, another app)."""
 ID_BYTES = 24
 """192 random bits: an id cannot be guessed, and the path carries nothing else secret."""
 REMEMBERED_ENDINGS = 4096
