@@ -1,5 +1,6 @@
-"""The resumable upload's parts alone: the draft's fields (`uploads/protocol`), and a session
-fed by one connection after another (`uploads/session`, `uploads/registry`)."""
+"""The resumable upload's parts alone: the draft's fields (`uploads/protocol`), a session fed
+by one connection after another (`uploads/session`, `uploads/registry`), and the keys kept
+for retries (`uploads/idempotency`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,12 @@ import anyio.lowlevel
 import pytest
 
 from vrai_stream import errors
+from vrai_stream.uploads.idempotency import (
+    MAX_KEPT_ANSWER_BYTES,
+    MAX_KEPT_TOTAL_BYTES,
+    IdempotencyKeys,
+    KeptAnswer,
+)
 from vrai_stream.uploads.protocol import Draft, draft_of
 from vrai_stream.uploads.registry import Uploads
 from vrai_stream.uploads.session import State, UploadSession
@@ -207,3 +214,29 @@ async def test_nothing_is_lost_or_doubled_however_often_waits_are_cut_short() ->
                 await upload.feed(rest(upload.offset), complete=True)
     assert b"".join(read) == data
     assert feeds > 5, "the timeouts never cut a feeder off: the test proves nothing"
+
+
+async def test_kept_answers_are_bounded_in_bytes_and_time() -> None:
+    keys = IdempotencyKeys(ttl_seconds=0.2)
+    big = KeptAnswer(200, (), bytes(MAX_KEPT_ANSWER_BYTES))
+    for n in range(MAX_KEPT_TOTAL_BYTES // MAX_KEPT_ANSWER_BYTES + 3):
+        entry, first = keys.claim("alice", f"key-{n}")
+        assert first
+        keys.settle("alice", f"key-{n}", entry, big)
+    assert len(keys) == MAX_KEPT_TOTAL_BYTES // MAX_KEPT_ANSWER_BYTES, "oldest dropped first"
+    assert keys.claim("alice", "key-0")[1], "the oldest was kept beyond the byte cap"
+    await anyio.sleep(0.25)
+    assert keys.claim("alice", f"key-{n}")[1], "expired with its time to live"
+
+
+async def test_an_answer_that_may_go_another_way_frees_its_key() -> None:
+    keys = IdempotencyKeys(ttl_seconds=60)
+    for status in (502, 503, 504, 499, 409, 408, 429):
+        entry, _ = keys.claim("alice", "key")
+        keys.settle("alice", "key", entry, KeptAnswer(status, (), b"{}"))
+        assert entry.settled.is_set()
+        assert keys.claim("alice", "key")[1], status
+        keys.settle("alice", "key", keys.claim("alice", "key")[0], None)
+    entry, _ = keys.claim("alice", "key")
+    keys.settle("alice", "key", entry, KeptAnswer(422, (), b"{}"))  # final: kept
+    assert keys.claim("alice", "key") == (entry, False)

@@ -22,6 +22,9 @@ MAX_KEY_LENGTH = 255
 MAX_ENTRIES = 10_000
 """Keys kept at most, oldest dropped first: memory stays bounded whatever clients send."""
 MAX_KEPT_ANSWER_BYTES = 4 * 1024 * 1024
+MAX_KEPT_TOTAL_BYTES = 32 * 1024 * 1024
+"""All kept answers together, oldest dropped first: on a 1 GB machine, memory stays planned
+whatever clients send (a 3-hour transcript with its segments is about 200 kB)."""
 TRANSIENT_STATUSES = frozenset({408, 409, 429, 499})
 
 
@@ -69,6 +72,7 @@ class IdempotencyKeys:
     def __init__(self, ttl_seconds: float) -> None:
         self._ttl = ttl_seconds
         self._entries: OrderedDict[tuple[str, str], Entry] = OrderedDict()
+        self._kept_bytes = 0
 
     def claim(self, user_id: str, key: str) -> tuple[Entry, bool]:
         """The entry for this key, and whether this request is the first to use it."""
@@ -79,17 +83,21 @@ class IdempotencyKeys:
         entry = Entry(expires_at=anyio.current_time() + self._ttl)
         self._entries[(user_id, key)] = entry
         while len(self._entries) > MAX_ENTRIES:
-            self._entries.popitem(last=False)
+            self._drop_oldest()
         return entry, True
 
     def settle(self, user_id: str, key: str, entry: Entry, answer: KeptAnswer | None) -> None:
         """The first request is over: keep its answer, or free the key for another try."""
+        kept = self._entries.get((user_id, key)) is entry
         if answer is None or answer.status >= 500 or answer.status in TRANSIENT_STATUSES:
-            entry.answer = None
-            if self._entries.get((user_id, key)) is entry:
+            if kept:
                 del self._entries[(user_id, key)]
         else:
-            entry.answer = answer
+            entry.answer = answer  # repeats waiting for it get it, kept or not
+            if kept:
+                self._kept_bytes += len(answer.body)
+                while self._kept_bytes > MAX_KEPT_TOTAL_BYTES:
+                    self._drop_oldest()
         entry.settled.set()
 
     def _drop_expired(self) -> None:
@@ -98,7 +106,12 @@ class IdempotencyKeys:
             oldest = next(iter(self._entries.values()))
             if oldest.expires_at > now:
                 break
-            self._entries.popitem(last=False)
+            self._drop_oldest()
+
+    def _drop_oldest(self) -> None:
+        _, entry = self._entries.popitem(last=False)
+        if entry.answer is not None:
+            self._kept_bytes -= len(entry.answer.body)
 
     def __len__(self) -> int:
         return len(self._entries)
