@@ -2,7 +2,8 @@
 """Fail on any import cycle in vrai_stream, and on any import against the layers' direction.
 
 Imports run one way: `cli` -> `http/` -> `services` -> `pipeline` -> the leaf packages -> base.
-A leaf package (auth, bodies, media, speech, debug_store) imports base modules and itself,
+A leaf package (auth, bodies, media, speech, debug_store, uploads) imports base modules and
+itself,
 never another leaf, the pipeline or HTTP.  Every import counts, those under `TYPE_CHECKING`
 and inside functions included.
 
