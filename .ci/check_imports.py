@@ -3,9 +3,8 @@
 
 Imports run one way: `cli` -> `http/` -> `services` -> `pipeline` -> the leaf packages -> base.
 A leaf package (auth, bodies, media, speech, debug_store, uploads) imports base modules and
-itself,
-never another leaf, the pipeline or HTTP.  Every import counts, those under `TYPE_CHECKING`
-and inside functions included.
+itself, never another leaf, the pipeline or HTTP.  Every import counts, those under
+`TYPE_CHECKING` and inside functions included.
 
 Run: .venv/bin/python .ci/check_imports.py [package folder]
 """
