@@ -70,7 +70,6 @@ def session(*, grace: float = 5.0, idle: float = 5.0) -> UploadSession:
         upload_id="id",
         path="/v1/uploads/local/id",
         user_id="alice",
-        request_id="r",
         grace_seconds=grace,
         idle_timeout_seconds=idle,
     )
@@ -162,7 +161,7 @@ async def test_a_resumption_takes_over_from_a_connection_that_still_seems_alive(
 
 async def test_waiting_uploads_beyond_the_cap_end_oldest_first() -> None:
     uploads = Uploads(machine="local", grace_seconds=60, max_waiting=2, idle_timeout_seconds=5)
-    made = [uploads.create(user_id="alice", request_id=str(n)) for n in range(4)]
+    made = [uploads.create(user_id="alice") for _ in range(4)]
     failures: list[BaseException] = []
     async with anyio.create_task_group() as group:
         for upload in made:
@@ -184,7 +183,7 @@ async def test_waiting_uploads_beyond_the_cap_end_oldest_first() -> None:
 
 async def test_an_upload_is_found_only_by_its_user() -> None:
     uploads = Uploads(machine="m1", grace_seconds=60, max_waiting=2, idle_timeout_seconds=5)
-    upload = uploads.create(user_id="alice", request_id="r")
+    upload = uploads.create(user_id="alice")
     assert upload.path == f"/v1/uploads/m1/{upload.id}"
     assert len(upload.id) >= 32  # 192 random bits, url-safe
     assert uploads.find(upload.id, "alice") is upload

@@ -168,7 +168,7 @@ class Job:
                 "Send the whole recording in the request that creates the upload "
                 "(Upload-Complete: ?1); resume it with PATCH if the connection drops"
             )
-        upload = self.services.uploads.create(user_id=self.user_id, request_id=self.request_id)
+        upload = self.services.uploads.create(user_id=self.user_id)
         location = str(self.request.base_url).rstrip("/") + upload.path
         fields = [("Location", location), ("Upload-Draft-Interop-Version", str(draft.version))]
         if not interim["send"](104, INTERIM_REASON, fields):

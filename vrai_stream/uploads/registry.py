@@ -35,13 +35,12 @@ class Uploads:
         self._sessions: dict[str, UploadSession] = {}
         self._ended: OrderedDict[str, str] = OrderedDict()
 
-    def create(self, *, user_id: str, request_id: str) -> UploadSession:
+    def create(self, *, user_id: str) -> UploadSession:
         upload_id = secrets.token_urlsafe(ID_BYTES)
         session = UploadSession(
             upload_id=upload_id,
             path=f"/v1/uploads/{self.machine}/{upload_id}",
             user_id=user_id,
-            request_id=request_id,
             grace_seconds=self.grace_seconds,
             idle_timeout_seconds=self._idle,
             on_waiting=self.enforce_cap,
@@ -96,6 +95,3 @@ class Uploads:
         for session in list(self._sessions.values()):
             if session.state is State.WAITING:
                 session.end(because)
-
-    def __len__(self) -> int:
-        return len(self._sessions)

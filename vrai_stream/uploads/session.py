@@ -99,7 +99,6 @@ class UploadSession:
         upload_id: str,
         path: str,
         user_id: str,
-        request_id: str,
         grace_seconds: float,
         idle_timeout_seconds: float,
         on_waiting: Callable[[], None] = lambda: None,
@@ -108,7 +107,6 @@ class UploadSession:
         self.path = path
         """The upload's resource, as clients address it (`/v1/uploads/<machine>/<id>`)."""
         self.user_id = user_id
-        self.request_id = request_id
         self.state = State.RECEIVING
         self.offset = 0
         self.waiting_since: float | None = None
