@@ -31,6 +31,12 @@ JOBS = Gauge("vrai_jobs", "Jobs running or queued", ["state"], registry=REGISTRY
 LAYOUTS = Counter(
     "vrai_uploads", "Uploads by container and mode", ["format", "mode"], registry=REGISTRY
 )
+INDEX_LAST_FALLBACKS = Counter(
+    "vrai_index_last_fallbacks",
+    "Index-last uploads streamed, then decoded again from their spool: the index disagreed",
+    ["format"],
+    registry=REGISTRY,
+)
 FFMPEG_EXITS = Counter("vrai_ffmpeg_exits", "ffmpeg exit statuses", ["status"], registry=REGISTRY)
 DEBUG_COPIES = Counter(
     "vrai_debug_copies",

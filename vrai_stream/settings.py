@@ -21,6 +21,7 @@ from vrai_stream.auth.config import AuthConfig, AuthKind
 
 TranscriberKind = Literal["openai", "local"]
 TranscribeMode = Literal["segments", "whole"]
+IndexLastKind = Literal["speculate", "exact", "spool"]
 DebugStoreKind = Literal["s3", "dir", "off"]
 
 MiB = 1024 * 1024
@@ -39,6 +40,7 @@ _MP3_BITRATES_KBPS = tuple(rate for rate in MPEG2_L3_KBPS if rate)
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _TRANSCRIBERS: tuple[TranscriberKind, ...] = get_args(TranscriberKind)
 _TRANSCRIBE_MODES: tuple[TranscribeMode, ...] = get_args(TranscribeMode)
+_INDEX_LAST: tuple[IndexLastKind, ...] = get_args(IndexLastKind)
 _DEBUG_STORES: tuple[DebugStoreKind, ...] = get_args(DebugStoreKind)
 _AUTH_KINDS: tuple[AuthKind, ...] = get_args(AuthKind)
 
@@ -313,6 +315,12 @@ class Settings:
     )
     openai_concurrency: int = field(
         default=32, metadata=integer("VRAI_OPENAI_CONCURRENCY", minimum=1)
+    )
+
+    # Index-last layouts (CAF pakt last, MP4 moov last): streamed as they arrive, exactly
+    # where nothing is missing, on a guess checked by the index, or spooled and decoded last
+    index_last: IndexLastKind = field(
+        default="speculate", metadata=choice("VRAI_INDEX_LAST", _INDEX_LAST)
     )
 
     # Debug copies

@@ -102,6 +102,17 @@ class Spool:
         self._memory.release(self._reserved)
         self._reserved = 0
 
+    def reset(self) -> None:
+        """Forget what was written, and give back its memory and disk: a decode that did not
+        hold (a wrong guess, see `media.index_last`) is done again into the same spool."""
+        with _disk_full_on_enospc():
+            self._file.seek(0)
+            self._file.truncate()
+        self._release_memory()
+        self._disk.release(self._on_disk_bytes)
+        self._on_disk_bytes = 0
+        self.size = 0
+
     def reader(self) -> IO[bytes]:
         """Rewind and hand out the data for reading; the spool still owns it.
 

@@ -452,7 +452,7 @@ class _Builder:
             str(self.path("moov-last.m4a")),
         )  # fmt: skip
         self.add(
-            "m4a-moov-last", "moov-last.m4a", container="mp4", mode="seekable", codec="AAC-LC",
+            "m4a-moov-last", "moov-last.m4a", container="mp4", mode="speculative", codec="AAC-LC",
             layout="moov after mdat", written_by="iPhone Voice Memos, AVAudioRecorder",
             needs_seeking=True,
         )  # fmt: skip
@@ -485,7 +485,7 @@ class _Builder:
             pakt_first=False,
         )
         self.add(
-            "caf-aac-pakt-last", "aac-pakt-last.caf", container="caf", mode="seekable",
+            "caf-aac-pakt-last", "aac-pakt-last.caf", container="caf", mode="stream",
             codec="AAC-LC", layout="pakt after data", written_by="iPhone (AVAudioRecorder .caf)",
             needs_seeking=True,
         )  # fmt: skip
@@ -567,9 +567,10 @@ class _Builder:
         binary = amr_ffmpeg()
         common = ["-i", str(self.clip), "-ar", "8000", "-ac", "1"]
         codec = ["-c:a", "libopencore_amrnb", "-b:a", "12.2k"]
-        ffmpeg(*common, *codec, str(self.path("phone.3gp")), binary=binary)
+        # Android writes no edit list; ffmpeg would write one that skips the encoder's delay.
+        ffmpeg(*common, *codec, "-use_editlist", "0", str(self.path("phone.3gp")), binary=binary)
         self.add(
-            "3gp-amr", "phone.3gp", container="3gp", mode="seekable", codec="AMR-NB 8 kHz",
+            "3gp-amr", "phone.3gp", container="3gp", mode="stream", codec="AMR-NB 8 kHz",
             layout="moov after mdat", written_by="Android MediaRecorder THREE_GPP",
         )  # fmt: skip
         ffmpeg(

@@ -75,6 +75,10 @@ class DebugCopies(Protocol):
         wrong meanwhile) is dropped by `settle` or `abandon`, and leaves nothing behind.
         """
 
+    def discard_output(self) -> None:
+        """The MP3 so far is void (decoded on a guess the index proved wrong): its copy is
+        dropped, and `start_output` begins another."""
+
     def abandon(self) -> None:
         """The job ended without a whole upload: drop everything, leave nothing half-done."""
 
@@ -118,6 +122,9 @@ class NoCopies:
         return None
 
     def end_output(self) -> None:
+        return None
+
+    def discard_output(self) -> None:
         return None
 
     def abandon(self) -> None:

@@ -277,6 +277,11 @@ class FolderCopies:
             self._give_up("could not write the output copy")
         self._output = None
 
+    def discard_output(self) -> None:
+        if self._output is not None:
+            self._output.discard()
+            self._output = None
+
     def abandon(self) -> None:
         self._discard_partials()
         for path in self._written:

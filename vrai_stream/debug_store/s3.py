@@ -421,6 +421,9 @@ class S3Copies:
         if self._output is not None:
             self._output.end()
 
+    def discard_output(self) -> None:
+        self._drop_unended_output()
+
     def abandon(self) -> None:
         self._drop_unended_output()
         for copy in (self._input, self._output):

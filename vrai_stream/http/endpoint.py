@@ -415,8 +415,8 @@ def _count_job(result: JobResult, user_id: str) -> None:
             metrics.STAGE_SECONDS.labels(stage=stage).observe(seconds)
     metrics.BYTES.labels(direction="in").inc(result.input_size)
     metrics.BYTES.labels(direction="out").inc(result.mp3_size)
-    if result.layout is not None:
-        metrics.LAYOUTS.labels(format=result.layout.container, mode=result.layout.mode.value).inc()
+    if result.layout is not None and result.mode is not None:
+        metrics.LAYOUTS.labels(format=result.layout.container, mode=result.mode.value).inc()
     if result.duration > 0:
         metrics.AUDIO_SECONDS.labels(user=user_id).inc(result.duration)
 

@@ -252,7 +252,9 @@ class EventStream(Response):
 
 
 class SegmentEvents:
-    """A job as `/v1/transcriptions` streams it: `progress` and `segment` events."""
+    """A job as `/v1/transcriptions` streams it: `progress`, `segment` and `withdrawn` events."""
+
+    can_withdraw = True
 
     def __init__(self, events: Events) -> None:
         self._events = events
@@ -265,6 +267,10 @@ class SegmentEvents:
         start, end = round(segment.start, 3), round(segment.end, 3)
         data = {"index": index, "start": start, "end": end, "text": segment.text}
         self._events.send(ServerSentEvent("segment", data))
+
+    def withdraw(self, reason: str) -> None:
+        """Every `segment` sent so far is void; they come again from index 0."""
+        self._events.send(ServerSentEvent("withdrawn", {"reason": reason}))
 
 
 DELTA = "transcript.text.delta"
@@ -279,6 +285,9 @@ class TextDeltas:
     add up to the final text.
     """
 
+    can_withdraw = False
+    """A delta once sent stays sent: deltas decoded on a guess wait for it to be confirmed."""
+
     def __init__(self, events: Events) -> None:
         self._events = events
         self._sent = 0
@@ -289,6 +298,9 @@ class TextDeltas:
     def segment(self, index: int, segment: Segment) -> None:
         if segment.text:
             self._delta(segment.text if self._sent == 0 else " " + segment.text)
+
+    def withdraw(self, reason: str) -> None:
+        """Nothing was sent that rests on the guess (see `can_withdraw`): nothing to do."""
 
     def _delta(self, text: str) -> None:
         self._events.send(ServerSentEvent(DELTA, {"type": DELTA, "delta": text}))

@@ -291,7 +291,7 @@ def build_openapi() -> dict[str, Any]:
                         "fileSize": {"type": "integer"},
                         "inputSize": {"type": "integer"},
                         "format": {"type": ["string", "null"]},
-                        "mode": {"enum": ["stream", "seekable", None]},
+                        "mode": {"enum": ["stream", "speculative", "seekable", None]},
                         "timings": {
                             "type": "object",
                             "additionalProperties": {"type": "number"},

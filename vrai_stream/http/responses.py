@@ -40,7 +40,7 @@ def success_body(result: JobResult) -> dict[str, Any]:
         "fileSize": result.mp3_size,
         "inputSize": result.input_size,
         "format": result.layout.container if result.layout else None,
-        "mode": result.layout.mode.value if result.layout else None,
+        "mode": result.mode.value if result.mode else None,
         "timings": result.timings.as_dict(),
     }
 

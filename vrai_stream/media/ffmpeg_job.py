@@ -145,6 +145,11 @@ class FfmpegJob:
         self._started_at = anyio.current_time()
         self._finished_at = 0.0
 
+    @property
+    def reading(self) -> bool:
+        """Still reading its input: False once it has its window (or has gone)."""
+        return self._stdin_open
+
     async def feed(self, chunk: bytes) -> None:
         """Write to ffmpeg's stdin; once ffmpeg stops reading, chunks are dropped."""
         if not self._stdin_open:

@@ -3,7 +3,8 @@
 Only the bytes decide, never a Content-Type or a file name.  Two layouts that iPhones
 write cannot be read from a pipe: MP4/M4A with the `moov` index after the audio (`mdat`),
 and CAF whose packet table (`pakt`) follows the audio (`data`) when packets vary in size.
-Those go to disk first (SEEKABLE); everything else streams into ffmpeg as it arrives.
+Those are spooled to disk (SEEKABLE) and, where `media.index_last` can frame their audio,
+streamed to ffmpeg all the same; everything else streams into ffmpeg as it arrives.
 
 A third iPhone layout streams once `pipe_filter` has left out a few of its bytes: CAF with
 a `free` chunk (or `uuid`, `mark`, `strg`, ...) before `data`; see `CafChunkFilter`.
@@ -22,7 +23,11 @@ SNIFF_LIMIT_BYTES = 256 * 1024
 
 class Mode(enum.Enum):
     STREAM = "stream"
+    """Decoded as it arrives, nothing guessed."""
+    SPECULATIVE = "speculative"
+    """Decoded as it arrives on a guessed configuration, which the index confirmed."""
     SEEKABLE = "seekable"
+    """Spooled, then decoded after the last byte."""
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
@@ -21,8 +22,9 @@ from vrai_stream.debug_store.base import CopyContext, DebugCopies, DebugStore
 from vrai_stream.media.failures import explain_failure
 from vrai_stream.media.ffmpeg import build_command
 from vrai_stream.media.ffmpeg_job import FfmpegJob, PcmPipe, run_ffmpeg
+from vrai_stream.media.index_last import IndexLastStream, open_stream
 from vrai_stream.media.sniff import SNIFF_LIMIT_BYTES, Layout, Mode, pipe_filter, sniff
-from vrai_stream.pipeline.job import JobListener, JobResult, JobSpec, SilentListener
+from vrai_stream.pipeline.job import JobListener, JobResult, JobSpec, Provisional, SilentListener
 from vrai_stream.pipeline.segments import LiveSegments, TranscriberSource
 from vrai_stream.settings import Settings
 from vrai_stream.speech.segmented import LOCAL_CALL_SECONDS
@@ -139,39 +141,124 @@ class Pipeline:
         )
         head, layout = await _read_head(body)
         result.layout = layout
+        result.mode = layout.mode
         copies.start_input(layout)
         failure: errors.ServiceError | None = None
+        job = _Job(spec, result, copies, meter, listener, output)
         with contextlib.ExitStack() as cleanup:
             async with anyio.create_task_group() as group:
-                segments = self._segments(spec, meter, listener, group)
-                pcm = segments.pcm_pipe() if segments else None
                 if layout.mode is Mode.STREAM:
-                    command = self._command(spec, pcm=pcm)
-                    async with self._ffmpeg_run(command, output, copies, pcm=pcm) as ffmpeg:
-                        feed = _filtered(layout, ffmpeg)
-                        group.start_soon(_pump, head, body, feed, ffmpeg.finish_input, copies)
-                        failure = await self._finish(spec, ffmpeg, output, result, copies, segments)
+                    failure = await self._piped(job, group, head, body, layout)
                 else:
                     # ffmpeg must seek in this layout: the body goes to disk first.
                     source = cleanup.enter_context(self.new_file_spool(".input"))
-
-                    async def write(chunk: bytes) -> None:
-                        source.write(chunk)
-
-                    async def finish() -> None:
-                        source.finish()
-
-                    await _pump(head, body, write, finish, copies)
-                    command = self._command(spec, input_path=source.path, pcm=pcm)
-                    async with self._ffmpeg_run(
-                        command, output, copies, feeds_stdin=False, pcm=pcm
-                    ) as ffmpeg:
-                        failure = await self._finish(spec, ffmpeg, output, result, copies, segments)
-                if segments is not None:
-                    segments.stop()  # a job that failed transcribes nothing more
+                    failure = await self._spooled(job, group, head, body, layout, source)
             # Leaving the task group means the body has been read to its last byte.
         if failure is not None:
             raise failure
+
+    async def _piped(
+        self,
+        job: _Job,
+        group: TaskGroup,
+        head: list[bytes],
+        body: AsyncIterator[bytes],
+        layout: Layout,
+    ) -> errors.ServiceError | None:
+        """ffmpeg reads the body from a pipe as it arrives."""
+        segments = self._segments(job.spec, job.meter, job.listener, group)
+        pcm = segments.pcm_pipe() if segments else None
+        command = self._command(job.spec, pcm=pcm)
+        async with self._ffmpeg_run(command, job.output, job.copies, pcm=pcm) as ffmpeg:
+            feed = _filtered(layout, ffmpeg)
+            group.start_soon(_pump, head, body, feed, ffmpeg.finish_input, job.copies)
+            return await self._finish(job, ffmpeg, segments)
+
+    async def _spooled(
+        self,
+        job: _Job,
+        group: TaskGroup,
+        head: list[bytes],
+        body: AsyncIterator[bytes],
+        layout: Layout,
+        source: FileSpool,
+    ) -> errors.ServiceError | None:
+        """The body goes to disk for ffmpeg to seek in; where its audio can be framed as it
+        arrives (`media.index_last`), it streams all the same, and the spool is decoded only
+        if the recording's index disagrees with what was streamed."""
+        stream = self._index_last_stream(layout, b"".join(head))
+        if stream is None:
+            await _pump(head, body, _write_to(source), _finish_of(source), job.copies)
+        else:
+            outcome = await self._index_last(job, group, head, body, stream, source)
+            if not isinstance(outcome, _DecodeAgain):
+                return outcome
+            self._decode_again(job, layout, outcome.reason)
+        segments = self._segments(job.spec, job.meter, job.listener, group)
+        pcm = segments.pcm_pipe() if segments else None
+        command = self._command(job.spec, input_path=source.path, pcm=pcm)
+        async with self._ffmpeg_run(
+            command, job.output, job.copies, feeds_stdin=False, pcm=pcm
+        ) as ffmpeg:
+            return await self._finish(job, ffmpeg, segments)
+
+    def _index_last_stream(self, layout: Layout, head: bytes) -> IndexLastStream | None:
+        if self._settings.index_last == "spool":
+            return None
+        speculate = self._settings.index_last == "speculate"
+        return open_stream(layout.container, head, speculate=speculate)
+
+    async def _index_last(
+        self,
+        job: _Job,
+        group: TaskGroup,
+        head: list[bytes],
+        body: AsyncIterator[bytes],
+        stream: IndexLastStream,
+        source: FileSpool,
+    ) -> errors.ServiceError | _DecodeAgain | None:
+        """Spool the body and stream its audio to ffmpeg; check the stream against the index
+        once the body has ended."""
+        provisional = Provisional(job.listener, stream)
+        segments = self._segments(job.spec, job.meter, provisional, group)
+        pcm = segments.pcm_pipe() if segments else None
+        command = self._command(job.spec, pcm=pcm)
+        async with self._ffmpeg_run(command, job.output, job.copies, pcm=pcm) as ffmpeg:
+
+            async def write(chunk: bytes) -> None:
+                source.write(chunk)
+                if not ffmpeg.reading:
+                    stream.stop_output()  # ffmpeg has its window: only the check is left
+                framed = await anyio.to_thread.run_sync(stream.feed, chunk)
+                if framed:
+                    await ffmpeg.feed(framed)
+
+            async def finish() -> None:
+                source.finish()
+                framed = await anyio.to_thread.run_sync(stream.finish)
+                if framed:
+                    await ffmpeg.feed(framed)
+
+            await _pump(head, body, write, finish, job.copies)
+            verdict = stream.verdict()
+            if not verdict.holds:
+                if segments is not None:
+                    segments.stop()
+                return _DecodeAgain(verdict.reason)
+            await ffmpeg.finish_input()
+            job.result.mode = Mode(stream.certainty.value)
+            job.result.declared_seconds = verdict.declared_seconds
+            provisional.confirm()
+            return await self._finish(job, ffmpeg, segments)
+
+    def _decode_again(self, job: _Job, layout: Layout, reason: str) -> None:
+        """What was streamed is void: the MP3, its copy and the segments heard so far."""
+        metrics.INDEX_LAST_FALLBACKS.labels(format=layout.container).inc()
+        job.result.mode = Mode.SEEKABLE
+        job.result.fallback = reason
+        job.output.reset()
+        job.copies.discard_output()
+        job.listener.withdraw(reason)
 
     def _segments(
         self, spec: JobSpec, meter: BodyMeter, listener: JobListener, group: TaskGroup
@@ -232,15 +319,19 @@ class Pipeline:
         )
 
     async def _finish(
-        self,
-        spec: JobSpec,
-        ffmpeg: FfmpegJob,
-        output: Spool,
-        result: JobResult,
-        copies: DebugCopies,
-        segments: LiveSegments | None,
+        self, job: _Job, ffmpeg: FfmpegJob, segments: LiveSegments | None
     ) -> errors.ServiceError | None:
         """Wait for ffmpeg, then for the transcript (or keep the MP3); return what went wrong."""
+        try:
+            return await self._outcome(job, ffmpeg, segments)
+        finally:
+            if segments is not None:
+                segments.stop()  # a job that failed transcribes nothing more
+
+    async def _outcome(
+        self, job: _Job, ffmpeg: FfmpegJob, segments: LiveSegments | None
+    ) -> errors.ServiceError | None:
+        spec, output, result, copies = job.spec, job.output, job.result, job.copies
         outcome = await ffmpeg.wait()
         result.timings.transcode = outcome.seconds
         metrics.FFMPEG_EXITS.labels(
@@ -346,6 +437,39 @@ async def _pump(
         await write(chunk)
     copies.end_input()
     await finish()
+
+
+def _write_to(source: FileSpool) -> Callable[[bytes], Awaitable[None]]:
+    async def write(chunk: bytes) -> None:
+        source.write(chunk)
+
+    return write
+
+
+def _finish_of(source: FileSpool) -> Callable[[], Awaitable[None]]:
+    async def finish() -> None:
+        source.finish()
+
+    return finish
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What every stage of one job works with."""
+
+    spec: JobSpec
+    result: JobResult
+    copies: DebugCopies
+    meter: BodyMeter
+    listener: JobListener
+    output: Spool
+
+
+@dataclass(frozen=True)
+class _DecodeAgain:
+    """The index disagreed with what was streamed: decode the spooled upload instead."""
+
+    reason: str
 
 
 def _filtered(layout: Layout, ffmpeg: FfmpegJob) -> Callable[[bytes], Awaitable[None]]:

@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from vrai_stream.media.sniff import Layout
+from vrai_stream.media.index_last import Certainty, IndexLastStream
+from vrai_stream.media.sniff import Layout, Mode
 from vrai_stream.media.window import Window
 from vrai_stream.settings import ANONYMOUS
 from vrai_stream.speech.transcribers.base import Segment, TranscribeOptions, Transcript
@@ -25,15 +26,65 @@ class JobListener(Protocol):
     def segment(self, index: int, segment: Segment) -> None:
         """Segment `index` is transcribed; its times are seconds from the window's start."""
 
+    def withdraw(self, reason: str) -> None:
+        """Every segment heard so far is void: the audio was decoded on a guess that the
+        recording's index proved wrong, and is decoded again; segments start again at 0."""
+
+    @property
+    def can_withdraw(self) -> bool:
+        """False: hold segments decoded on a guess until the index confirms them."""
+
 
 class SilentListener:
     """The listener of a job nobody watches."""
+
+    can_withdraw = True
 
     def progress(self, received_bytes: int, decoded_seconds: float) -> None:
         pass
 
     def segment(self, index: int, segment: Segment) -> None:
         pass
+
+    def withdraw(self, reason: str) -> None:
+        pass
+
+
+class Provisional:
+    """The listener of a job whose audio streams on a guess (`media.index_last`).
+
+    Segments heard while the stream rests on a guess are passed on to a listener that can
+    withdraw them (the events say so if the guess fails), and held back from one that
+    cannot (OpenAI's stream: a delta once sent stays sent) until `confirm`.
+    """
+
+    can_withdraw = True
+
+    def __init__(self, listener: JobListener, stream: IndexLastStream) -> None:
+        self._listener = listener
+        self._stream = stream
+        self._held: list[tuple[int, Segment]] = []
+
+    def progress(self, received_bytes: int, decoded_seconds: float) -> None:
+        self._listener.progress(received_bytes, decoded_seconds)
+
+    def segment(self, index: int, segment: Segment) -> None:
+        guessed = self._stream.certainty is Certainty.GUESSED
+        if guessed and not self._listener.can_withdraw:
+            self._held.append((index, segment))
+            return
+        self.confirm()
+        self._listener.segment(index, segment)
+
+    def confirm(self) -> None:
+        """The index confirmed the guess: what was held back goes out."""
+        held, self._held = self._held, []
+        for index, segment in held:
+            self._listener.segment(index, segment)
+
+    def withdraw(self, reason: str) -> None:
+        self._held.clear()
+        self._listener.withdraw(reason)
 
 
 @dataclass(frozen=True)
@@ -75,6 +126,12 @@ class JobResult:
     duration: float = 0.0
     output_on_disk: bool = False
     layout: Layout | None = None
+    mode: Mode | None = None
+    """How the audio was decoded: the layout's mode, or `speculative`, or `seekable` after a
+    stream the index did not confirm (`fallback` says why)."""
+    fallback: str | None = None
+    declared_seconds: float | None = None
+    """The recording's length as its container declares it, where it does."""
     transcript: Transcript | None = None
     mp3: Spool | None = None
     """For `Accept: audio/mpeg`: the MP3 itself, handed over; whoever sends it closes it."""
@@ -85,7 +142,8 @@ class JobResult:
     def log_fields(self) -> dict[str, Any]:
         return {
             "format": self.layout.container if self.layout else None,
-            "mode": self.layout.mode.value if self.layout else None,
+            "mode": self.mode.value if self.mode else None,
+            **({"fallback": self.fallback} if self.fallback else {}),
             "inputSize": self.input_size,
             "fileSize": self.mp3_size,
             "duration": self.duration,
