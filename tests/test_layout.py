@@ -73,7 +73,7 @@ def test_sniff_names_each_phone_layout(phones: dict[str, PhoneFile], name: str) 
     for head, complete in ((data[:SNIFF_LIMIT_BYTES], False), (data, True)):
         layout = decide(head, complete=complete)
         assert layout is not None
-        assert (layout.container, layout.mode.value) == (phone.container, phone.mode)
+        assert (layout.container, layout.mode.value) == (phone.container, phone.sniffed_mode)
 
 
 @pytest.mark.parametrize("name", FIXTURE_NAMES)

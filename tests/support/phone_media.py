@@ -47,13 +47,19 @@ class PhoneFile:
     container: str
     """The `format` the response and the log line must carry."""
     mode: str
-    """`stream` or `seekable`."""
+    """`stream`, `speculative` or `seekable`: how the answer says it was decoded."""
     codec: str
     layout: str
     """How the file is laid out, for the README's matrix."""
     written_by: str
     needs_seeking: bool = False
     """True when plain `ffmpeg -i pipe:0` cannot read it (and it is larger than 6 MB)."""
+    index_last: bool = False
+    """Its index comes after its audio: the sniff says `seekable`, whatever streams after."""
+
+    @property
+    def sniffed_mode(self) -> str:
+        return "seekable" if self.index_last else "stream"
 
     def read(self) -> bytes:
         return self.path.read_bytes()
@@ -422,9 +428,18 @@ class _Builder:
         layout: str,
         written_by: str,
         needs_seeking: bool = False,
+        index_last: bool = False,
     ) -> None:
         self.files[name] = PhoneFile(
-            name, self.path(filename), container, mode, codec, layout, written_by, needs_seeking
+            name,
+            self.path(filename),
+            container,
+            mode,
+            codec,
+            layout,
+            written_by,
+            needs_seeking,
+            index_last or needs_seeking,
         )
 
     def build(self) -> dict[str, PhoneFile]:
@@ -572,6 +587,7 @@ class _Builder:
         self.add(
             "3gp-amr", "phone.3gp", container="3gp", mode="stream", codec="AMR-NB 8 kHz",
             layout="moov after mdat", written_by="Android MediaRecorder THREE_GPP",
+            index_last=True,
         )  # fmt: skip
         ffmpeg(
             *common, *codec, "-movflags", "+faststart", str(self.path("faststart.3gp")),
