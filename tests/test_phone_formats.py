@@ -29,7 +29,8 @@ README_MATRIX = """\
 | caf-alac | iPhone (AVAudioRecorder ALAC) | ALAC | pakt after data | caf | seekable |
 | caf-lpcm | iPhone (AVAudioRecorder LPCM) | LPCM s16 | constant packets, no pakt | caf | stream |
 | caf-ima4 | iPhone (AVAudioRecorder IMA4) | IMA4 ADPCM | constant packets, no pakt | caf | stream |
-| m4a-moov-last | iPhone Voice Memos, AVAudioRecorder | AAC-LC | moov after mdat | mp4 | speculative |
+| m4a-moov-last | AVAudioRecorder (.m4a) | AAC-LC | moov after mdat | mp4 | speculative |
+| m4a-voice-memos | iPhone Voice Memos | AAC-LC | hoov, moof fragments, moov last | mp4 | stream |
 | m4a-faststart | web exports | AAC-LC | moov before mdat (faststart) | mp4 | stream |
 | mp4-fragmented | Safari MediaRecorder | AAC-LC | fragmented (moof+mdat) | mp4 | stream |
 | 3gp-amr | Android MediaRecorder THREE_GPP | AMR-NB 8 kHz | moov after mdat | 3gp | stream |

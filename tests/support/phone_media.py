@@ -468,8 +468,20 @@ class _Builder:
         )  # fmt: skip
         self.add(
             "m4a-moov-last", "moov-last.m4a", container="mp4", mode="speculative", codec="AAC-LC",
-            layout="moov after mdat", written_by="iPhone Voice Memos, AVAudioRecorder",
+            layout="moov after mdat", written_by="AVAudioRecorder (.m4a)",
             needs_seeking=True,
+        )  # fmt: skip
+
+        from .voice_memos import voice_memo  # it builds on this module's box writers
+
+        memo_adts = self.path("memo.aac")
+        ffmpeg("-i", str(self.clip), "-ar", "48000", "-c:a", "aac", "-b:a", "64k", "-f", "adts",
+               str(memo_adts))  # fmt: skip
+        self.path("voice-memo.m4a").write_bytes(voice_memo(memo_adts.read_bytes()))
+        self.add(
+            "m4a-voice-memos", "voice-memo.m4a", container="mp4", mode="stream", codec="AAC-LC",
+            layout="hoov, moof fragments, moov last", written_by="iPhone Voice Memos",
+            index_last=True,
         )  # fmt: skip
 
         ffmpeg(
@@ -607,6 +619,7 @@ FIXTURE_NAMES = (
     "caf-lpcm",
     "caf-ima4",
     "m4a-moov-last",
+    "m4a-voice-memos",
     "m4a-faststart",
     "mp4-fragmented",
     "3gp-amr",
