@@ -33,6 +33,10 @@ from vrai_stream.speech.transcribers.base import Audio, Transcript
 from vrai_stream.spool import Budget, FileSpool, Spool
 
 
+FRAMING_SLICE_BYTES = 16 * 1024
+"""How much of an index-last upload is framed at a time (~1 s of AAC at 128 kbit/s)."""
+
+
 class Pipeline:
     """Runs jobs with the service's shared parts: ffmpeg, the memory budget, a transcriber."""
 
@@ -227,11 +231,15 @@ class Pipeline:
 
             async def write(chunk: bytes) -> None:
                 source.write(chunk)
-                if not ffmpeg.reading:
-                    stream.stop_output()  # ffmpeg has its window: only the check is left
-                framed = await anyio.to_thread.run_sync(stream.feed, chunk)
-                if framed:
-                    await ffmpeg.feed(framed)
+                # In slices: ffmpeg gets the first frames of a large chunk without waiting
+                # for the last ones to be framed, and is seen to have its window sooner.
+                for start in range(0, len(chunk), FRAMING_SLICE_BYTES):
+                    if not ffmpeg.reading:
+                        stream.stop_output()  # ffmpeg has its window: only the check is left
+                    piece = chunk[start : start + FRAMING_SLICE_BYTES]
+                    framed = await anyio.to_thread.run_sync(stream.feed, piece)
+                    if framed:
+                        await ffmpeg.feed(framed)
 
             async def finish() -> None:
                 source.finish()
