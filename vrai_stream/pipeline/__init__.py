@@ -32,7 +32,6 @@ from vrai_stream.speech.segmenter import Segmenter
 from vrai_stream.speech.transcribers.base import Audio, Transcript
 from vrai_stream.spool import Budget, FileSpool, Spool
 
-
 FRAMING_SLICE_BYTES = 16 * 1024
 """How much of an index-last upload is framed at a time (~1 s of AAC at 128 kbit/s)."""
 
