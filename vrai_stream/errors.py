@@ -275,3 +275,15 @@ ALL_ERRORS: tuple[type[ServiceError], ...] = (
     IdempotencyKeyReused,
     IdempotencyKeyInUse,
 )
+
+
+def first_service_error(group: BaseExceptionGroup[BaseException]) -> ServiceError | None:
+    """The first `ServiceError` in a task group's exceptions, however deeply nested."""
+    for exc in group.exceptions:
+        if isinstance(exc, ServiceError):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            found = first_service_error(exc)
+            if found is not None:
+                return found
+    return None

@@ -200,10 +200,14 @@ class FileSpool:
         with _disk_full_on_enospc():
             self._file.write(data)
 
-    def finish(self) -> None:
-        """Flush, so ffmpeg reading the file by name sees every byte."""
+    def flush(self) -> None:
+        """Flush, so whoever reads the file by name (ffmpeg, a framer) sees every byte."""
         with _disk_full_on_enospc():
             self._file.flush()
+
+    def finish(self) -> None:
+        """Every byte is written: flush."""
+        self.flush()
 
     def close(self) -> None:
         if self.closed:

@@ -24,6 +24,7 @@ from vrai_stream.media.ffmpeg import build_command
 from vrai_stream.media.ffmpeg_job import FfmpegJob, PcmPipe, run_ffmpeg
 from vrai_stream.media.index_last import IndexLastStream, open_stream
 from vrai_stream.media.sniff import SNIFF_LIMIT_BYTES, Layout, Mode, pipe_filter, sniff
+from vrai_stream.pipeline.framing import Arrivals, frame_spool
 from vrai_stream.pipeline.job import JobListener, JobResult, JobSpec, Provisional, SilentListener
 from vrai_stream.pipeline.segments import LiveSegments, TranscriberSource
 from vrai_stream.settings import Settings
@@ -31,9 +32,6 @@ from vrai_stream.speech.segmented import LOCAL_CALL_SECONDS
 from vrai_stream.speech.segmenter import Segmenter
 from vrai_stream.speech.transcribers.base import Audio, Transcript
 from vrai_stream.spool import Budget, FileSpool, Spool
-
-FRAMING_SLICE_BYTES = 16 * 1024
-"""How much of an index-last upload is framed at a time (~1 s of AAC at 128 kbit/s)."""
 
 
 class Pipeline:
@@ -75,7 +73,7 @@ class Pipeline:
             try:
                 await self._run(spec, chunks, result, copies, listener or SilentListener())
             except BaseExceptionGroup as group:
-                failure = _first_service_error(group)
+                failure = errors.first_service_error(group)
                 if failure is None:
                     raise
                 raise failure from None
@@ -227,30 +225,25 @@ class Pipeline:
         pcm = segments.pcm_pipe() if segments else None
         command = self._command(job.spec, pcm=pcm)
         async with self._ffmpeg_run(command, job.output, job.copies, pcm=pcm) as ffmpeg:
+            arrivals = Arrivals()
 
             async def write(chunk: bytes) -> None:
                 source.write(chunk)
-                # In slices: ffmpeg gets the first frames of a large chunk without waiting
-                # for the last ones to be framed, and is seen to have its window sooner.
-                for start in range(0, len(chunk), FRAMING_SLICE_BYTES):
-                    if not ffmpeg.reading:
-                        stream.stop_output()  # ffmpeg has its window: only the check is left
-                    piece = chunk[start : start + FRAMING_SLICE_BYTES]
-                    framed = await anyio.to_thread.run_sync(stream.feed, piece)
-                    if framed:
-                        await ffmpeg.feed(framed)
+                source.flush()
+                arrivals.more()
 
             async def finish() -> None:
                 source.finish()
-                framed = await anyio.to_thread.run_sync(stream.finish)
-                if framed:
-                    await ffmpeg.feed(framed)
+                arrivals.end()
 
-            await _pump(head, body, write, finish, job.copies)
+            async with anyio.create_task_group() as framing:
+                framing.start_soon(frame_spool, stream, source, arrivals, ffmpeg)
+                await _pump(head, body, write, finish, job.copies)
             verdict = stream.verdict()
             if not verdict.holds:
                 if segments is not None:
                     segments.stop()
+                provisional.withdraw(verdict.reason)
                 return _DecodeAgain(verdict.reason)
             await ffmpeg.finish_input()
             job.result.mode = Mode(stream.certainty.value)
@@ -259,13 +252,12 @@ class Pipeline:
             return await self._finish(job, ffmpeg, segments)
 
     def _decode_again(self, job: _Job, layout: Layout, reason: str) -> None:
-        """What was streamed is void: the MP3, its copy and the segments heard so far."""
+        """What was streamed is void: the MP3 and its copy (the segments are withdrawn)."""
         metrics.INDEX_LAST_FALLBACKS.labels(format=layout.container).inc()
         job.result.mode = Mode.SEEKABLE
         job.result.fallback = reason
         job.output.reset()
         job.copies.discard_output()
-        job.listener.withdraw(reason)
 
     def _segments(
         self, spec: JobSpec, meter: BodyMeter, listener: JobListener, group: TaskGroup
@@ -490,14 +482,3 @@ def _filtered(layout: Layout, ffmpeg: FfmpegJob) -> Callable[[bytes], Awaitable[
             await ffmpeg.feed(kept)
 
     return feed
-
-
-def _first_service_error(group: BaseExceptionGroup[BaseException]) -> errors.ServiceError | None:
-    for exc in group.exceptions:
-        if isinstance(exc, errors.ServiceError):
-            return exc
-        if isinstance(exc, BaseExceptionGroup):
-            found = _first_service_error(exc)
-            if found is not None:
-                return found
-    return None

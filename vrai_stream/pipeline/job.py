@@ -64,11 +64,15 @@ class Provisional:
         self._listener = listener
         self._stream = stream
         self._held: list[tuple[int, Segment]] = []
+        self._withdrawn = False
 
     def progress(self, received_bytes: int, decoded_seconds: float) -> None:
-        self._listener.progress(received_bytes, decoded_seconds)
+        if not self._withdrawn:
+            self._listener.progress(received_bytes, decoded_seconds)
 
     def segment(self, index: int, segment: Segment) -> None:
+        if self._withdrawn:
+            return  # a model call that was under way when the guess failed
         guessed = self._stream.certainty is Certainty.GUESSED
         if guessed and not self._listener.can_withdraw:
             self._held.append((index, segment))
@@ -83,6 +87,8 @@ class Provisional:
             self._listener.segment(index, segment)
 
     def withdraw(self, reason: str) -> None:
+        """Void what was heard, and anything still to be heard: it is decoded again."""
+        self._withdrawn = True
         self._held.clear()
         self._listener.withdraw(reason)
 

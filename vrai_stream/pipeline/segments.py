@@ -92,6 +92,12 @@ class LiveSegments:
         except errors.ServiceError as exc:
             # Reported when ffmpeg is done; the upload is still read to its end meanwhile.
             self._failure = exc
+        except BaseExceptionGroup as group:
+            # A segment's call failed in the transcription's own task group: the same.
+            failure = errors.first_service_error(group)
+            if failure is None:
+                raise
+            self._failure = failure
         finally:
             self._receive.close()
             self._ended_at = anyio.current_time()

@@ -1,0 +1,70 @@
+"""An index-last upload framed from its spool while the body still arrives.
+
+The body goes to disk at the network's pace; the framer follows the file as it grows and
+hands ffmpeg what `media.index_last` makes of it.  Framing AAC costs CPU (about 0.2 ms an
+access unit): reading it from the spool, not from the request, keeps that cost off the
+upload, so a slow framer never holds the client back nor delays its idle timeout.
+"""
+
+from __future__ import annotations
+
+import anyio
+import anyio.to_thread
+
+from vrai_stream.media.ffmpeg_job import FfmpegJob
+from vrai_stream.media.index_last import IndexLastStream
+from vrai_stream.spool import FileSpool
+
+FRAMING_SLICE_BYTES = 16 * 1024
+"""How much is framed at a time (~1 s of AAC at 128 kbit/s): ffmpeg gets the first frames of
+a large chunk at once, and is seen to have its window before the rest is framed."""
+
+
+class Arrivals:
+    """The spool's writer tells its framer that bytes arrived, or that the body ended."""
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+        self.ended = False
+
+    def more(self) -> None:
+        self._event.set()
+
+    def end(self) -> None:
+        self.ended = True
+        self._event.set()
+
+    def expect(self) -> None:
+        """Before looking for bytes: a write after this wakes `wait`."""
+        if self._event.is_set():
+            self._event = anyio.Event()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+
+async def frame_spool(
+    stream: IndexLastStream, source: FileSpool, arrivals: Arrivals, ffmpeg: FfmpegJob
+) -> None:
+    """Frame `source` from its start as it is written, into ffmpeg, to the body's end."""
+    with source.path.open("rb") as reader:
+
+        def next_framed() -> tuple[bytes, bool]:
+            piece = reader.read(FRAMING_SLICE_BYTES)
+            return stream.feed(piece), bool(piece)
+
+        while True:
+            arrivals.expect()
+            if not ffmpeg.reading:
+                stream.stop_output()  # ffmpeg has its window: only the check is left
+            framed, read = await anyio.to_thread.run_sync(next_framed)
+            if framed:
+                await ffmpeg.feed(framed)
+            if read:
+                continue
+            if arrivals.ended:
+                break
+            await arrivals.wait()
+    framed = await anyio.to_thread.run_sync(stream.finish)
+    if framed:
+        await ffmpeg.feed(framed)
