@@ -292,6 +292,8 @@ def build_openapi() -> dict[str, Any]:
                         "inputSize": {"type": "integer"},
                         "format": {"type": ["string", "null"]},
                         "mode": {"enum": ["stream", "speculative", "seekable", None]},
+                        "truncated": {"type": "boolean"},
+                        "declaredSeconds": {"type": ["number", "null"]},
                         "timings": {
                             "type": "object",
                             "additionalProperties": {"type": "number"},

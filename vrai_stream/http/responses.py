@@ -41,8 +41,14 @@ def success_body(result: JobResult) -> dict[str, Any]:
         "inputSize": result.input_size,
         "format": result.layout.container if result.layout else None,
         "mode": result.mode.value if result.mode else None,
+        "truncated": result.truncated,
+        "declaredSeconds": _rounded(result.declared_seconds),
         "timings": result.timings.as_dict(),
     }
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 3)
 
 
 def mp3_response(result: JobResult) -> Response:
@@ -51,6 +57,7 @@ def mp3_response(result: JobResult) -> Response:
     headers = {
         "X-Request-Id": result.spec.request_id,
         "X-Audio-Duration": f"{result.duration:.3f}",
+        **({"X-Truncated": "true"} if result.truncated else {}),
         "Content-Length": str(result.mp3.size),
     }
     return SpoolResponse(result.mp3, media_type="audio/mpeg", headers=headers)

@@ -19,11 +19,13 @@ from anyio.abc import TaskGroup
 from vrai_stream import errors, metrics
 from vrai_stream.bodies.limits import BodyMeter, limited
 from vrai_stream.debug_store.base import CopyContext, DebugCopies, DebugStore
+from vrai_stream.media.declared import declared_seconds
 from vrai_stream.media.failures import explain_failure
 from vrai_stream.media.ffmpeg import build_command
 from vrai_stream.media.ffmpeg_job import FfmpegJob, PcmPipe, run_ffmpeg
 from vrai_stream.media.index_last import IndexLastStream, open_stream
 from vrai_stream.media.sniff import SNIFF_LIMIT_BYTES, Layout, Mode, pipe_filter, sniff
+from vrai_stream.media.window import Window
 from vrai_stream.pipeline.framing import Arrivals, frame_spool
 from vrai_stream.pipeline.job import JobListener, JobResult, JobSpec, Provisional, SilentListener
 from vrai_stream.pipeline.segments import LiveSegments, TranscriberSource
@@ -143,6 +145,7 @@ class Pipeline:
         head, layout = await _read_head(body)
         result.layout = layout
         result.mode = layout.mode
+        result.declared_seconds = declared_seconds(layout.container, b"".join(head))
         copies.start_input(layout)
         failure: errors.ServiceError | None = None
         job = _Job(spec, result, copies, meter, listener, output)
@@ -247,7 +250,8 @@ class Pipeline:
                 return _DecodeAgain(verdict.reason)
             await ffmpeg.finish_input()
             job.result.mode = Mode(stream.certainty.value)
-            job.result.declared_seconds = verdict.declared_seconds
+            if verdict.declared_seconds is not None:
+                job.result.declared_seconds = verdict.declared_seconds
             provisional.confirm()
             return await self._finish(job, ffmpeg, segments)
 
@@ -340,6 +344,7 @@ class Pipeline:
             return explain_failure(outcome, self._settings.retry_after_seconds)
         result.mp3_size = output.size
         result.duration = ffmpeg.mp3.seconds
+        result.truncated = _cut_short(spec.window, result.duration, result.declared_seconds)
         if result.duration <= 0:
             # The MP3's copy is never ended: like that of a failed ffmpeg, it is dropped.
             return errors.NoAudioInWindow(
@@ -436,6 +441,19 @@ async def _pump(
         await write(chunk)
     copies.end_input()
     await finish()
+
+
+TRUNCATION_TOLERANCE_SECONDS = 1.0
+"""Decoded audio may fall this far short of the declared length (encoder priming and
+padding, MP3 frames) before the upload is said to be cut short."""
+
+
+def _cut_short(window: Window, decoded: float, declared: float | None) -> bool:
+    """Did the window stop short of its end for want of audio the container declares?"""
+    if declared is None:
+        return False
+    decoded_to = window.start + decoded
+    return decoded_to < min(window.end, declared) - TRUNCATION_TOLERANCE_SECONDS
 
 
 def _write_to(source: FileSpool) -> Callable[[bytes], Awaitable[None]]:

@@ -138,6 +138,8 @@ class JobResult:
     fallback: str | None = None
     declared_seconds: float | None = None
     """The recording's length as its container declares it, where it does."""
+    truncated: bool = False
+    """The container declares audio the window wanted that never arrived: a cut-short file."""
     transcript: Transcript | None = None
     mp3: Spool | None = None
     """For `Accept: audio/mpeg`: the MP3 itself, handed over; whoever sends it closes it."""
@@ -150,6 +152,11 @@ class JobResult:
             "format": self.layout.container if self.layout else None,
             "mode": self.mode.value if self.mode else None,
             **({"fallback": self.fallback} if self.fallback else {}),
+            **(
+                {"truncated": True, "declaredSeconds": self.declared_seconds}
+                if self.truncated
+                else {}
+            ),
             "inputSize": self.input_size,
             "fileSize": self.mp3_size,
             "duration": self.duration,
