@@ -8,7 +8,10 @@
   itself: `415 body_not_audio`, naming the endpoint that takes that shape (by the
   Content-Type's boundary before the body is read, else by the body's first bytes); real
   audio is never refused, whatever its Content-Type says;
-- a form without its audio part: `400 missing_audio_part`, naming the part it must carry.
+- a form without its audio part: `400 missing_audio_part`, naming the part it must carry;
+- a language the model cannot do (`language=fr` with the English-only `tiny.en`, which would
+  answer in English and say `en`): `400 language_not_supported`, naming the model and what it
+  speaks, before the body is read (or, on the OpenAI endpoint's form, before the recording).
 """
 
 from __future__ import annotations
@@ -273,3 +276,42 @@ async def test_an_openai_form_without_its_file_part_is_missing_audio_part(
     assert answer["error"]["message"] == answer["message"]
     assert answer["error"]["type"] == "invalid_request_error"
     server.wait_idle()
+
+
+# --- a language the model cannot do -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "headers"),
+    [
+        (f"{ENDPOINT}?language=fr", {}),
+        (f"{ENDPOINT}?language=french", {"Accept": "text/event-stream"}),
+    ],
+)
+async def test_a_language_the_model_cannot_do_is_400_before_the_body_is_read(
+    server: Server, path: str, headers: dict[str, str]
+) -> None:
+    body = await refused_unread(server, path, headers)
+    assert (body["_status"], body["code"]) == (400, "language_not_supported"), body
+    assert "tiny.en" in body["message"] and "English only" in body["message"], body
+    server.wait_idle()
+
+
+async def test_english_is_taken_by_the_english_model(server: Server, media: Path) -> None:
+    async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+        response = await client.post(
+            f"{ENDPOINT}?language=en", content=chunked((media / "sentence.wav").read_bytes())
+        )
+    assert response.status_code == 200, response.text
+    assert has_words(response.json()["transcription"], SENTENCE_WORDS, at_least=3)
+
+
+async def test_the_openai_endpoint_refuses_it_through_the_sdk(server: Server, media: Path) -> None:
+    client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as raised:
+        await client.audio.transcriptions.create(
+            model="whisper-1", file=("note.wav", (media / "sentence.wav").read_bytes()),
+            language="fr",
+        )  # fmt: skip
+    assert raised.value.body["code"] == "language_not_supported"  # type: ignore[index]
+    await client.close()

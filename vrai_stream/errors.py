@@ -63,6 +63,12 @@ class InvalidParameters(RefusedUpload):
     status, code = 400, "invalid_parameters"
 
 
+class LanguageNotSupported(RefusedUpload):
+    """`language` names one the configured model cannot transcribe (`tiny.en`: English)."""
+
+    status, code = 400, "language_not_supported"
+
+
 class InvalidWindow(RefusedUpload):
     status, code = 400, "invalid_window"
 

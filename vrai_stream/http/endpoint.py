@@ -143,11 +143,13 @@ class Job:
         When the client speaks the resumable-upload draft, the body becomes an upload that
         outlives this connection: a 104 tells the client where to resume it.
         """
-        self.body_started = True
         upload = self._begin_upload()
         return self._observed(upload.chunks() if upload else request_body(self.request))
 
     async def _observed(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        # Started when the job first asks for a chunk: a job refused before that (a language
+        # the model cannot do) is answered without reading the body.
+        self.body_started = True
         async for chunk in chunks:
             if self.fingerprint is not None:
                 self.fingerprint.update(chunk)
@@ -356,6 +358,10 @@ class Job:
     def _idle_timeout(self) -> float:
         """A resumable upload times its own silences (and waits out a dropped connection)."""
         return math.inf if self.upload else self.services.settings.idle_timeout_seconds
+
+    async def check(self, spec: JobSpec) -> None:
+        """Refuse what the job could not do, before its body is read or its events open."""
+        await self.services.pipeline.check(spec)
 
     async def run(self, spec: JobSpec, audio: AsyncIterator[bytes]) -> JobResult:
         if self.upload is not None:

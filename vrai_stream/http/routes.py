@@ -59,6 +59,7 @@ async def transcriptions(job: Job) -> Answer:
         want_mp3=want_mp3,
         options=options,
     )
+    await job.check(spec)
     async with job.admitted():
         if job.events is not None and not want_mp3:
             job.open_events(SegmentEvents)  # `Accept: text/event-stream`: events from here on
@@ -186,6 +187,7 @@ async def openai_transcriptions(job: Job) -> Answer:
                 temperature=_temperature(fields.get("temperature")),
             ),
         )
+        await job.check(spec)
         deltas = job.open_events(TextDeltas) if stream else None
         result = await job.run(spec, upload.audio)
     transcript = result.transcript or Transcript(text="")

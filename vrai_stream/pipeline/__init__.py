@@ -68,6 +68,7 @@ class Pipeline:
         listener: JobListener | None = None,
     ) -> None:
         """Fill `result` as the job goes, so a failure still reports how far it got."""
+        await self.check(spec)
         copies = self._debug.begin(
             CopyContext.now(spec.request_id, spec.user_id, spec.window.start, spec.window.end)
         )
@@ -94,6 +95,16 @@ class Pipeline:
             if result.mp3 is not None:
                 result.mp3.close()  # nobody will send it now
             raise
+
+    async def check(self, spec: JobSpec) -> None:
+        """Refuse what the job cannot do, before a byte of its body is read: a language the
+        model cannot do (`tiny.en` would answer French speech in English, and say `en`)."""
+        language = spec.options.language
+        if language is None or spec.want_mp3:
+            return
+        refusal = (await self._transcriber()).unsupported_language(language)
+        if refusal is not None:
+            raise errors.LanguageNotSupported(refusal)
 
     async def _run(
         self,

@@ -48,6 +48,11 @@ class Audio:
 class Transcriber(Protocol):
     name: str
 
+    def unsupported_language(self, language: str) -> str | None:
+        """Why `language` (an ISO 639-1 code) cannot be transcribed here, in a sentence for
+        the caller; None when it can, or when nobody can tell (an upstream API)."""
+        ...
+
     async def transcribe(self, audio: Audio) -> Transcript:
         """Turn speech into text, raising `TranscriptionFailed` or `TranscriptionTimeout`."""
         ...

@@ -36,6 +36,9 @@ class OpenAITranscriber:
         )
         self._models = ModelList(settings.openai_models, upstream=str(self._client.base_url))
 
+    def unsupported_language(self, language: str) -> str | None:
+        return None  # the upstream answers for its models' languages itself
+
     async def transcribe(self, audio: Audio) -> Transcript:
         start = _position(audio.file)
         try:

