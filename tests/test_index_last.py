@@ -23,7 +23,12 @@ from pathlib import Path
 
 import anyio
 import httpx
+import openai
 import pytest
+
+from vrai_stream.media.index_last import Certainty
+from vrai_stream.pipeline.job import Provisional
+from vrai_stream.speech.transcribers.base import Segment
 
 from .support.client import chunked
 from .support.phone_media import (
@@ -352,3 +357,69 @@ async def test_hostile_index_last_uploads_end_cleanly(
 def _forget_twins() -> Iterator[None]:
     yield
     _TWINS.clear()
+
+
+# --- listeners that cannot take a segment back --------------------------------------------------
+
+
+class _Deltas:
+    """A listener like OpenAI's stream: what it sends stays sent."""
+
+    can_withdraw = False
+
+    def __init__(self) -> None:
+        self.heard: list[int] = []
+        self.withdrawn: list[str] = []
+
+    def progress(self, received_bytes: int, decoded_seconds: float) -> None:
+        pass
+
+    def segment(self, index: int, segment: Segment) -> None:
+        self.heard.append(index)
+
+    def withdraw(self, reason: str) -> None:
+        self.withdrawn.append(reason)
+
+
+class _Guessing:
+    certainty = Certainty.GUESSED
+
+
+def test_segments_of_a_guess_wait_for_the_index_where_they_cannot_be_taken_back() -> None:
+    deltas = _Deltas()
+    provisional = Provisional(deltas, _Guessing())  # type: ignore[arg-type]
+    provisional.segment(0, Segment(0.0, 1.0, "one"))
+    provisional.segment(1, Segment(1.0, 2.0, "two"))
+    assert deltas.heard == []
+    provisional.confirm()
+    assert deltas.heard == [0, 1]
+    provisional.segment(2, Segment(2.0, 3.0, "three"))  # after the check: at once
+    assert deltas.heard == [0, 1, 2]
+
+    refuted = _Deltas()
+    provisional = Provisional(refuted, _Guessing())  # type: ignore[arg-type]
+    provisional.segment(0, Segment(0.0, 1.0, "one"))
+    provisional.withdraw("the moov says otherwise")
+    provisional.segment(1, Segment(1.0, 2.0, "late"))  # a call under way when it failed
+    assert refuted.heard == [] and refuted.withdrawn == ["the moov says otherwise"]
+
+
+async def test_openai_stream_of_a_guessed_upload_adds_up_to_its_text(
+    server: Server, recordings: dict[str, Recording]
+) -> None:
+    client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    stream = await client.audio.transcriptions.create(
+        model="whisper-1",
+        file=("note.m4a", recordings["m4a-moov-last"].data, "audio/mp4"),
+        stream=True,
+    )
+    deltas, done = [], ""
+    async for event in stream:
+        if event.type == "transcript.text.delta":
+            deltas.append(event.delta)
+        elif event.type == "transcript.text.done":
+            done = event.text
+    await client.close()
+    assert done and "".join(deltas) == done
+    server.wait_idle()
+    assert server.request_logs()[-1]["mode"] == "speculative"

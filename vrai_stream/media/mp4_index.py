@@ -9,6 +9,8 @@ box that does not hold together raises `IndexError_`, never anything else.
 from __future__ import annotations
 
 import struct
+import sys
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -33,7 +35,8 @@ class TrackIndex:
     codec: str = ""
     """`aac`, `amr_nb`, `amr_wb`, or the sample entry's own type for anything else."""
     config: AacConfig | None = None
-    sample_sizes: list[int] = field(default_factory=list)
+    sample_sizes: array[int] = field(default_factory=lambda: array("I"))
+    """4 bytes a sample, as in the `stsz` (a long recording has hundreds of thousands)."""
     priming: int = 0
     """Samples the edit list skips at the start (the encoder's priming), in the track's rate."""
     timescale: int = 0
@@ -158,13 +161,24 @@ def _esds_in(entry: memoryview) -> memoryview:
     return esds
 
 
-def _sample_sizes(stsz: memoryview) -> list[int]:
+def _sample_sizes(stsz: memoryview) -> array[int]:
     constant, count = struct.unpack_from(">II", stsz, 4)
     if constant:
-        return [constant] * count
+        repeated: array[int] = array("I", [constant]) * count
+        return repeated
     if len(stsz) < 12 + 4 * count:
         raise IndexError_("stsz is cut short")
-    return list(struct.unpack_from(f">{count}I", stsz, 12))
+    return big_endian_words(stsz[12 : 12 + 4 * count])
+
+
+def big_endian_words(data: bytes | memoryview) -> array[int]:
+    """32-bit big-endian integers, as an array: 4 bytes each, not a Python int each."""
+    words = array("I")
+    assert words.itemsize == 4
+    words.frombytes(data)
+    if sys.byteorder == "little":
+        words.byteswap()
+    return words
 
 
 def _priming(elst: memoryview) -> tuple[int, bool]:

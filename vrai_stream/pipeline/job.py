@@ -65,6 +65,7 @@ class Provisional:
         self._stream = stream
         self._held: list[tuple[int, Segment]] = []
         self._withdrawn = False
+        self._confirmed = False
 
     def progress(self, received_bytes: int, decoded_seconds: float) -> None:
         if not self._withdrawn:
@@ -73,15 +74,19 @@ class Provisional:
     def segment(self, index: int, segment: Segment) -> None:
         if self._withdrawn:
             return  # a model call that was under way when the guess failed
-        guessed = self._stream.certainty is Certainty.GUESSED
+        guessed = self._stream.certainty is Certainty.GUESSED and not self._confirmed
         if guessed and not self._listener.can_withdraw:
             self._held.append((index, segment))
             return
-        self.confirm()
+        self._release()
         self._listener.segment(index, segment)
 
     def confirm(self) -> None:
-        """The index confirmed the guess: what was held back goes out."""
+        """The index confirmed the guess: what was held back goes out, and what comes next."""
+        self._confirmed = True
+        self._release()
+
+    def _release(self) -> None:
         held, self._held = self._held, []
         for index, segment in held:
             self._listener.segment(index, segment)
