@@ -12,8 +12,11 @@ from __future__ import annotations
 import hashlib
 import random
 import subprocess
+import threading
 from pathlib import Path
 
+import anyio
+import anyio.to_thread
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -27,6 +30,8 @@ from vrai_stream.media.index_last import (
     open_stream,
 )
 from vrai_stream.media.sniff import SNIFF_LIMIT_BYTES, sniff
+from vrai_stream.pipeline.framing import Arrivals, frame_spool
+from vrai_stream.spool import Budget, FileSpool
 
 from .support.phone_media import DEBIAN_FFMPEG, PhoneFile, ffmpeg, parse_adts, phone_files
 
@@ -194,3 +199,57 @@ def test_an_index_larger_than_its_cap_is_not_kept() -> None:
     assert stream.failure is not None and "limit" in stream.failure
     stream.finish()
     assert not stream.verdict().holds
+
+
+# --- the framer follows the spool to its very end -------------------------------------------
+
+
+class _Recorder:
+    """An index-last stream that keeps what it is fed; the first time it is fed nothing (the
+    framer found no new byte), it holds the framer there until the test lets it go."""
+
+    def __init__(self) -> None:
+        self.fed = bytearray()
+        self.found_nothing = threading.Event()
+        self.go_on = threading.Event()
+
+    def feed(self, piece: bytes) -> bytes:
+        if not piece and not self.found_nothing.is_set():
+            self.found_nothing.set()
+            self.go_on.wait(10)
+        self.fed += piece
+        return b""
+
+    def finish(self) -> bytes:
+        return b""
+
+    def stop_output(self) -> None:
+        pass
+
+
+class _ReadingFfmpeg:
+    reading = True
+
+    async def feed(self, chunk: bytes) -> None:
+        pass
+
+
+@pytest.mark.anyio
+async def test_the_framer_reads_what_was_written_as_the_body_ended(tmp_path: Path) -> None:
+    """The body's last bytes and its end arrive while the framer has just found nothing new:
+    it must still read them before it finishes (it once stopped short of them)."""
+    spool = FileSpool(disk=Budget(None), tmp_dir=tmp_path)
+    recorder = _Recorder()
+    arrivals = Arrivals()
+    spool.write(b"first")
+    spool.flush()
+    arrivals.more()
+    async with anyio.create_task_group() as group:
+        group.start_soon(frame_spool, recorder, spool, arrivals, _ReadingFfmpeg())  # type: ignore[arg-type]
+        await anyio.to_thread.run_sync(recorder.found_nothing.wait, 10)
+        spool.write(b", last")
+        spool.finish()
+        arrivals.end()
+        recorder.go_on.set()
+    spool.close()
+    assert bytes(recorder.fed) == b"first, last"

@@ -253,13 +253,21 @@ class Pipeline:
             async with anyio.create_task_group() as framing:
                 framing.start_soon(frame_spool, stream, source, arrivals, ffmpeg)
                 await _pump(head, body, write, finish, job.copies)
-            verdict = stream.verdict()
-            if not verdict.holds:
+
+            def void(reason: str) -> _DecodeAgain:
                 if segments is not None:
                     segments.stop()
-                provisional.withdraw(verdict.reason)
-                return _DecodeAgain(verdict.reason)
+                provisional.withdraw(reason)
+                return _DecodeAgain(reason)
+
+            verdict = stream.verdict()
+            if not verdict.holds:
+                return void(verdict.reason)
             await ffmpeg.finish_input()
+            decoded = await ffmpeg.wait()
+            if decoded.returncode != 0 and not decoded.timed_out:
+                # What ffmpeg could not read from the pipe, it may from the file.
+                return void(f"ffmpeg could not decode the stream: {decoded.stderr_tail[-200:]}")
             job.result.mode = Mode(stream.certainty.value)
             if verdict.declared_seconds is not None:
                 job.result.declared_seconds = verdict.declared_seconds

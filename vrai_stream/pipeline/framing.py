@@ -54,6 +54,9 @@ async def frame_spool(
             return stream.feed(piece), bool(piece)
 
         while True:
+            # Both before reading: a byte written after this wakes `wait`, and once the body
+            # had ended before a read that found nothing, nothing is left to find.
+            ended = arrivals.ended
             arrivals.expect()
             if not ffmpeg.reading:
                 stream.stop_output()  # ffmpeg has its window: only the check is left
@@ -62,7 +65,7 @@ async def frame_spool(
                 await ffmpeg.feed(framed)
             if read:
                 continue
-            if arrivals.ended:
+            if ended:
                 break
             await arrivals.wait()
     framed = await anyio.to_thread.run_sync(stream.finish)
