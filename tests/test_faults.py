@@ -185,8 +185,9 @@ async def test_ffmpeg_killed_while_reading_a_chunked_upload(
 async def test_ffmpeg_killed_while_decoding_a_seekable_spool(
     limits_server: Server, phones: dict[str, PhoneFile]
 ) -> None:
-    """moov after mdat: the body goes to the spool first; ffmpeg is killed while it decodes
-    (a window 200-500 s into a 9-minute recording keeps it busy for a while)."""
+    """moov after mdat: the body goes to the spool and its audio streams to ffmpeg, which is
+    killed while it decodes (a window 200-500 s into a 9-minute recording keeps it busy for a
+    while): a server's fault, answered as one, not decoded again from the spool."""
     server = limits_server
     m4a = phones["m4a-moov-last"].read()
     async with (

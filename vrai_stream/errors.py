@@ -247,6 +247,7 @@ ALL_ERRORS: tuple[type[ServiceError], ...] = (
     InvalidHttp,
     HeadersTooLarge,
     InvalidParameters,
+    LanguageNotSupported,
     InvalidWindow,
     EmptyBody,
     MissingAudioPart,

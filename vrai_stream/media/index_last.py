@@ -299,7 +299,7 @@ class CafAacStream(IndexLastStream):
 
     def __init__(self, head: CafHead) -> None:
         super().__init__()
-        self._finder = UnitFinder(head.config)
+        self._config = head.config
         self._sample_rate = head.sample_rate
         self._packet_table: bytes | None = None
         self._skip(_CAF_FILE_HEADER, self._chunk)
@@ -320,7 +320,9 @@ class CafAacStream(IndexLastStream):
         return True
 
     def _audio(self, length: int) -> bool:
-        self._frame_units(self._finder, length, self._chunk)
+        # Made here, in `feed`: the job calls that off the event loop (PyAV's import and a
+        # decoder's set-up take a tenth of a second).
+        self._frame_units(UnitFinder(self._config), length, self._chunk)
         return True
 
     def _keep_packet_table(self, payload: bytes) -> None:

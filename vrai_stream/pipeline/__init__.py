@@ -260,13 +260,14 @@ class Pipeline:
                 provisional.withdraw(reason)
                 return _DecodeAgain(reason)
 
-            verdict = stream.verdict()
+            verdict = await anyio.to_thread.run_sync(stream.verdict)  # reads the whole index
             if not verdict.holds:
                 return void(verdict.reason)
             await ffmpeg.finish_input()
             decoded = await ffmpeg.wait()
-            if decoded.returncode != 0 and not decoded.timed_out:
-                # What ffmpeg could not read from the pipe, it may from the file.
+            if decoded.returncode is not None and decoded.returncode > 0:
+                # What ffmpeg could not read from the pipe, it may from the file.  (Killed by
+                # a signal or timed out, it is answered as any job's ffmpeg.)
                 return void(f"ffmpeg could not decode the stream: {decoded.stderr_tail[-200:]}")
             job.result.mode = Mode(stream.certainty.value)
             if verdict.declared_seconds is not None:
