@@ -243,7 +243,7 @@ async def test_the_framer_reads_what_was_written_as_the_body_ended(tmp_path: Pat
     arrivals = Arrivals()
     spool.write(b"first")
     spool.flush()
-    arrivals.more()
+    arrivals.more(5)
     async with anyio.create_task_group() as group:
         group.start_soon(frame_spool, recorder, spool, arrivals, _ReadingFfmpeg())  # type: ignore[arg-type]
         await anyio.to_thread.run_sync(recorder.found_nothing.wait, 10)

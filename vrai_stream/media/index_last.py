@@ -507,7 +507,7 @@ class Mp4MdatStream(IndexLastStream):
             self._step = self._fragments
             return True
         if not self._speculate:
-            raise StreamFailed("AAC in a plain mdat is not guessed (VRAI_SPECULATE=off)")
+            raise StreamFailed("AAC in a plain mdat is not guessed (VRAI_INDEX_LAST=exact)")
         config = guess_config(sample, apple=self._apple, final=done)
         if config is None:
             raise StreamFailed("the mdat holds neither AMR nor AAC this service can frame")
@@ -552,7 +552,8 @@ class Mp4MdatStream(IndexLastStream):
         """At a unit boundary in the raw AAC: a `hoov` there starts Voice Memos' fragments."""
         if self._raw_box(data) != b"hoov":
             return False
-        self._mdat_left -= sum(self.unit_sizes)  # `_frame_units` counted them down itself
+        if self._mdat_left >= 0:  # `_frame_units` counted the raw units down on its own
+            self._mdat_left -= sum(self.unit_sizes)
         self._step = self._fragments
         return True
 

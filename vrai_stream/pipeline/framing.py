@@ -21,21 +21,30 @@ a large chunk at once, and is seen to have its window before the rest is framed.
 
 
 class Arrivals:
-    """The spool's writer tells its framer that bytes arrived, or that the body ended."""
+    """The spool's writer tells its framer that bytes arrived, or that the body ended.
+
+    The framer is woken for a slice's worth of new bytes, not for every chunk: each wake-up
+    costs a hand-over to a worker thread on the event loop, and a request body can come in
+    pieces of a few hundred bytes.
+    """
 
     def __init__(self) -> None:
         self._event = anyio.Event()
+        self._unseen = 0
         self.ended = False
 
-    def more(self) -> None:
-        self._event.set()
+    def more(self, count: int) -> None:
+        self._unseen += count
+        if self._unseen >= FRAMING_SLICE_BYTES:
+            self._event.set()
 
     def end(self) -> None:
         self.ended = True
         self._event.set()
 
     def expect(self) -> None:
-        """Before looking for bytes: a write after this wakes `wait`."""
+        """Before looking for bytes: a slice written after this wakes `wait`."""
+        self._unseen = 0
         if self._event.is_set():
             self._event = anyio.Event()
 

@@ -35,6 +35,9 @@ class OpenAITranscriber:
             max_retries=settings.openai_max_retries,
         )
         self._models = ModelList(settings.openai_models, upstream=str(self._client.base_url))
+        # The SDK imports its audio resources on first use: here, in the warm-up's worker
+        # thread, rather than on the event loop under the first request (tens of ms).
+        _ = self._client.audio.transcriptions
 
     def unsupported_language(self, language: str) -> str | None:
         return None  # the upstream answers for its models' languages itself
