@@ -41,14 +41,11 @@ from .support.phone_media import (
     write_aac_caf,
 )
 from .support.server import Server
-from .support.sse import Event, RawEvents
 from .support.voice_memos import top_boxes, voice_memo
-from .test_errors import CHUNKED, chunk_frame, raw_connection, request_head
-from .test_segmented_transcription import PASSAGE, SPEECH, word_errors, words
+from .test_segmented_transcription import PASSAGE, SPEECH, in_halves, word_errors, words
 
 pytestmark = pytest.mark.anyio
 
-FRAME_BYTES = 16 * 1024
 SECONDS = 60.0
 """The passage's first minute: its first half is longer than the longest segment (28 s), so
 a segment is cut in it wherever the reader pauses."""
@@ -109,57 +106,13 @@ def recordings(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Recording]
     return built
 
 
-@dataclass
-class Streamed:
-    before_rest: list[Event]
-    """Events that came while the second half of the upload was held back."""
-    after: list[Event]
-
-    @property
-    def done(self) -> dict[str, object]:
-        last = self.after[-1]
-        assert last.name == "done", [event.name for event in self.after]
-        return last.data
-
-
-async def in_halves(server: Server, data: bytes, *, wait_for: str = "segment") -> Streamed:
-    """Send half of `data`, read events until a `wait_for` one, then send the rest."""
-    frames = [chunk_frame(data[i : i + FRAME_BYTES]) for i in range(0, len(data), FRAME_BYTES)]
-    half = len(frames) // 2
-    async with raw_connection(server) as stream:
-        headers = {**CHUNKED, "Accept": "text/event-stream"}
-        await stream.send(request_head("/v1/transcriptions", headers))
-        answer = RawEvents(stream)
-        for frame in frames[:half]:
-            await stream.send(frame)
-        before: list[Event] = []
-        with anyio.fail_after(60):
-            await answer.head()
-            while not before or before[-1].name != wait_for:
-                event = await answer.next_event()
-                assert event is not None, [event.name for event in before]
-                before.append(event)
-        for frame in frames[half:]:
-            await stream.send(frame)
-        await stream.send(chunk_frame(b""))
-        after: list[Event] = []
-        with anyio.fail_after(120):
-            while (event := await answer.next_event()) is not None:
-                after.append(event)
-    return Streamed(before, after)
-
-
 async def transcribe(server: Server, data: bytes) -> httpx.Response:
     async with httpx.AsyncClient(base_url=server.url, timeout=180) as client:
         return await client.post("/v1/transcriptions", content=chunked(data))
 
 
-async def fallbacks_counted(server: Server, container: str) -> float:
-    async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
-        text = (await client.get("/metrics")).text
-    prefix = f'vrai_index_last_fallbacks_total{{format="{container}"}} '
-    counts = [float(line[len(prefix) :]) for line in text.splitlines() if line.startswith(prefix)]
-    return counts[0] if counts else 0.0
+def fallbacks_counted(server: Server, container: str) -> float:
+    return server.metric(f'vrai_index_last_fallbacks_total{{format="{container}"}}')
 
 
 _TWINS: dict[str, str] = {}
@@ -211,7 +164,7 @@ async def test_a_wrong_guess_is_withdrawn_and_decoded_again(
 ) -> None:
     """An Apple-branded M4A at 44.1 kHz: 48 kHz is guessed, and its segments are sent; the
     moov says 44.1 kHz, so they are withdrawn, and the spool is decoded: `seekable`."""
-    counted = await fallbacks_counted(server, "mp4")
+    counted = fallbacks_counted(server, "mp4")
     streamed = await in_halves(server, recordings["m4a-44k-moov-last"].data)
     names = [event.name for event in streamed.after if event.name != "progress"]
     assert "withdrawn" in names, names
@@ -227,7 +180,7 @@ async def test_a_wrong_guess_is_withdrawn_and_decoded_again(
     assert " ".join(segment["text"] for segment in again) == done["transcription"]
     twin = await twin_transcript(server, recordings, "m4a-faststart")
     assert close_enough(str(done["transcription"]), twin), (done["transcription"], twin)
-    assert await fallbacks_counted(server, "mp4") == counted + 1
+    assert fallbacks_counted(server, "mp4") == counted + 1
     logged = server.request_log(str(done["requestId"]))
     assert logged["mode"] == "seekable" and "44100 Hz" in logged["fallback"]
     server.wait_idle()
@@ -301,14 +254,14 @@ async def test_a_moov_that_disagrees_sends_the_job_to_its_spool(
     else:
         crafted = _with_moov(data, {b"stsz": _swapped_sizes(data)})
         reason = "sample sizes"
-    counted = await fallbacks_counted(server, "mp4")
+    counted = fallbacks_counted(server, "mp4")
     response = await transcribe(server, crafted)
     request_id = response.headers["x-request-id"]
     server.wait_idle()
     logged = server.request_log(request_id)
     assert reason in logged["fallback"], logged
     assert logged["mode"] == "seekable"
-    assert await fallbacks_counted(server, "mp4") == counted + 1
+    assert fallbacks_counted(server, "mp4") == counted + 1
     # The file as its index describes it, decoded from the spool: whatever ffmpeg makes of it.
     assert response.status_code in (200, 422), response.text
     if response.status_code == 200:

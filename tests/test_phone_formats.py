@@ -51,13 +51,9 @@ def phones(media: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, P
     return phone_files(tmp_path_factory.getbasetemp() / "phones", media / "sentence.wav")
 
 
-async def uploads_counted(server: Server, phone: PhoneFile) -> float:
+def uploads_counted(server: Server, phone: PhoneFile) -> float:
     """`vrai_uploads_total` for this recording's container and mode, from /metrics."""
-    async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
-        text = (await client.get("/metrics")).text
-    prefix = f'vrai_uploads_total{{format="{phone.container}",mode="{phone.mode}"}} '
-    counts = [float(line[len(prefix) :]) for line in text.splitlines() if line.startswith(prefix)]
-    return counts[0] if counts else 0.0
+    return server.metric(f'vrai_uploads_total{{format="{phone.container}",mode="{phone.mode}"}}')
 
 
 async def transcribe(
@@ -76,7 +72,7 @@ async def test_phone_recording_comes_back_as_its_words(
 ) -> None:
     phone = phones[name]
     data = phone.read()
-    counted_before = await uploads_counted(server, phone)
+    counted_before = uploads_counted(server, phone)
     response = await transcribe(server, data)
     assert response.status_code == 200, response.text
     body = response.json()
@@ -90,7 +86,7 @@ async def test_phone_recording_comes_back_as_its_words(
     assert (logged["format"], logged["mode"]) == (phone.container, phone.mode)
     assert (logged["status"], logged["code"]) == (200, "ok")
     assert logged["inputSize"] == len(data)
-    assert await uploads_counted(server, phone) == counted_before + 1
+    assert uploads_counted(server, phone) == counted_before + 1
     server.wait_idle()
 
 

@@ -7,6 +7,7 @@ import itertools
 import re
 import wave
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
@@ -19,7 +20,7 @@ from .support.audio import has_words, run_ffmpeg, speak
 from .support.client import chunked
 from .support.fake_openai import FakeOpenAI, Fault
 from .support.server import Server, start_server, start_servers
-from .support.sse import RawEvents, parse_events
+from .support.sse import Event, RawEvents, parse_events
 from .test_errors import CHUNKED, chunk_frame, raw_connection, request_head
 
 pytestmark = pytest.mark.anyio
@@ -220,14 +221,28 @@ async def test_a_segment_that_fails_for_good_fails_the_request_with_502(
 # --- a segment's text reaches the client while it is still uploading ----------------------------
 
 
-async def test_a_segment_arrives_before_the_last_byte_is_sent(
-    local_servers: dict[str, Server],
-) -> None:
-    """Half the recording is sent, then the test waits: a `segment` event must come while the
-    rest has not been sent at all; then the rest, and `done` holds that segment's words."""
-    server = local_servers["segments"]
-    audio = (SPEECH / f"{PASSAGE}.flac").read_bytes()
-    frames = [chunk_frame(audio[i : i + 16384]) for i in range(0, len(audio), 16384)]
+HALVES_FRAME_BYTES = 16 * 1024
+
+
+@dataclass
+class Streamed:
+    before_rest: list[Event]
+    """Events that came while the second half of the upload was held back."""
+    after: list[Event]
+
+    @property
+    def done(self) -> dict[str, object]:
+        last = self.after[-1]
+        assert last.name == "done", [event.name for event in self.after]
+        return last.data
+
+
+async def in_halves(server: Server, data: bytes, *, wait_for: str = "segment") -> Streamed:
+    """Send half of `data`, read events until a `wait_for` one, then send the rest."""
+    frames = [
+        chunk_frame(data[i : i + HALVES_FRAME_BYTES])
+        for i in range(0, len(data), HALVES_FRAME_BYTES)
+    ]
     half = len(frames) // 2
     async with raw_connection(server) as stream:
         headers = {**CHUNKED, "Accept": "text/event-stream"}
@@ -235,24 +250,33 @@ async def test_a_segment_arrives_before_the_last_byte_is_sent(
         answer = RawEvents(stream)
         for frame in frames[:half]:
             await stream.send(frame)
+        before: list[Event] = []
         with anyio.fail_after(60):
             await answer.head()
-            event = await answer.next_event()
-            while event is not None and event.name == "progress":
+            while not before or before[-1].name != wait_for:
                 event = await answer.next_event()
-        assert event is not None and event.name == "segment", event
-        first = event.data
-        assert first["index"] == 0 and first["start"] < first["end"] <= 36.0
+                assert event is not None, [event.name for event in before]
+                before.append(event)
         for frame in frames[half:]:
             await stream.send(frame)
         await stream.send(chunk_frame(b""))
-        with anyio.fail_after(60):
-            names = [event.name]
+        after: list[Event] = []
+        with anyio.fail_after(120):
             while (event := await answer.next_event()) is not None:
-                names.append(event.name)
-                last = event
-    assert names[-1] == "done", names
-    assert last.data["transcription"].startswith(first["text"])
+                after.append(event)
+    return Streamed(before, after)
+
+
+async def test_a_segment_arrives_before_the_last_byte_is_sent(
+    local_servers: dict[str, Server],
+) -> None:
+    """Half the recording is sent, then the test waits: a `segment` event must come while the
+    rest has not been sent at all; then the rest, and `done` holds that segment's words."""
+    server = local_servers["segments"]
+    streamed = await in_halves(server, (SPEECH / f"{PASSAGE}.flac").read_bytes())
+    first = streamed.before_rest[-1].data
+    assert first["index"] == 0 and first["start"] < first["end"] <= 36.0
+    assert str(streamed.done["transcription"]).startswith(first["text"])
     server.wait_idle()
 
 

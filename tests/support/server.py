@@ -67,6 +67,15 @@ class Server:
                 continue
         return entries
 
+    def metric(self, sample: str) -> float:
+        """The value of one sample on /metrics, `name{label="v"}` as written there; 0 if absent."""
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        prefix = f"{sample} "
+        values = [
+            float(line[len(prefix) :]) for line in text.splitlines() if line.startswith(prefix)
+        ]
+        return values[0] if values else 0.0
+
     def request_logs(self) -> list[dict[str, Any]]:
         return [entry["request"] for entry in self.logs() if "request" in entry]
 
