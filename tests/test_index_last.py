@@ -106,9 +106,11 @@ def recordings(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Recording]
     return built
 
 
-async def transcribe(server: Server, data: bytes) -> httpx.Response:
+async def transcribe(server: Server, data: bytes, *, mp3: bool = False) -> httpx.Response:
+    """The transcript (or, with `mp3`, the window's MP3 alone: quicker where no word counts)."""
+    headers = {"Accept": "audio/mpeg"} if mp3 else {}
     async with httpx.AsyncClient(base_url=server.url, timeout=180) as client:
-        return await client.post("/v1/transcriptions", content=chunked(data))
+        return await client.post("/v1/transcriptions", content=chunked(data), headers=headers)
 
 
 def fallbacks_counted(server: Server, container: str) -> float:
@@ -255,7 +257,7 @@ async def test_a_moov_that_disagrees_sends_the_job_to_its_spool(
         crafted = _with_moov(data, {b"stsz": _swapped_sizes(data)})
         reason = "sample sizes"
     counted = fallbacks_counted(server, "mp4")
-    response = await transcribe(server, crafted)
+    response = await transcribe(server, crafted, mp3=True)
     request_id = response.headers["x-request-id"]
     server.wait_idle()
     logged = server.request_log(request_id)
@@ -264,8 +266,6 @@ async def test_a_moov_that_disagrees_sends_the_job_to_its_spool(
     assert fallbacks_counted(server, "mp4") == counted + 1
     # The file as its index describes it, decoded from the spool: whatever ffmpeg makes of it.
     assert response.status_code in (200, 422), response.text
-    if response.status_code == 200:
-        assert response.json()["mode"] == "seekable"
     assert server.children() == []
 
 
