@@ -2,7 +2,8 @@
 
 A faststart M4A cut at 30% used to come back 200 with 3 s of a 10 s recording and no sign
 that the rest was missing.  Now the answer is still 200 with the words that did arrive, and
-`truncated: true` with `declaredSeconds` (and `X-Truncated: true` on an MP3 answer).  A
+`truncated: true` with `declaredSeconds` (and `X-Truncated: true` on an MP3 answer or the
+OpenAI-compatible endpoint's), in JSON, in events and on the legacy form alike.  A
 window that ends before the cut is whole, and so is an uncut file.  Real server, real
 ffmpeg, real speech recognition.
 """
@@ -12,11 +13,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 
-from .support.client import chunked
+from .support.client import chunked, form_body
 from .support.phone_media import CLIP_SECONDS, PhoneFile, phone_files
 from .support.server import Server
+from .support.sse import parse_events
 
 pytestmark = pytest.mark.anyio
 
@@ -90,3 +93,37 @@ async def test_a_container_that_declares_no_length_is_never_called_truncated(
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["truncated"] is False and body["declaredSeconds"] is None
+
+
+BOUNDARY = "vrai-truncated-boundary"
+
+
+async def test_every_way_of_answering_says_a_file_was_cut(
+    server: Server, phones: dict[str, PhoneFile]
+) -> None:
+    """Events carry it in `done`, the legacy form in its body, the OpenAI-compatible endpoint
+    (whose bodies have no field for it) in `X-Truncated`."""
+    data = phones["m4a-faststart"].read()
+    cut = data[: int(len(data) * 0.3)]
+    form = form_body(BOUNDARY, {"fromTime": "0", "toTime": "9"}, "audio", cut,
+                     filename="note.m4a", content_type="audio/mp4")  # fmt: skip
+    async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+        streamed = await client.post(
+            "/v1/transcriptions", content=chunked(cut), headers={"Accept": "text/event-stream"}
+        )
+        legacy = await client.post(
+            "/trim-and-transcribe-multipart",
+            content=chunked(form),
+            headers={"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"},
+        )
+    done = parse_events(streamed.text)[-1]
+    assert done.name == "done" and done.data["truncated"] is True, done
+    assert legacy.status_code == 200, legacy.text
+    assert legacy.json()["truncated"] is True
+    client_ = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    raw = await client_.audio.transcriptions.with_raw_response.create(
+        model="whisper-1", file=("note.m4a", cut, "audio/mp4")
+    )
+    await client_.close()
+    assert raw.headers["x-truncated"] == "true"
+    server.wait_idle()

@@ -195,6 +195,8 @@ async def openai_transcriptions(job: Job) -> Answer:
         return deltas.done(transcript.text)
     response = transcript_response(transcript, response_format, result.duration)
     response.headers["X-Request-Id"] = job.request_id
+    if result.truncated:
+        response.headers["X-Truncated"] = "true"  # OpenAI's bodies have no field for it
     return response
 
 

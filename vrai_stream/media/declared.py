@@ -38,10 +38,9 @@ def _mp4(head: bytes) -> float | None:
         if size < 0 or offset + size > len(head):
             return None  # the moov, if any, is not all in the head
         if kind == b"moov":
-            track = read_track(memoryview(head)[offset + header_size : offset + size])
-            if not track.timescale:
-                return None
-            return (track.duration - track.priming) / track.timescale
+            return read_track(
+                memoryview(head)[offset + header_size : offset + size]
+            ).declared_seconds
         offset += size
     return None
 

@@ -453,7 +453,6 @@ class Mp4MdatStream(IndexLastStream):
         self._speculate = speculate
         self.codec = ""
         self._config: AacConfig | None = None
-        self._finder: UnitFinder | None = None
         self._index: bytes | None = None
         self._mdat_left = 0
         self._fragment_sizes: list[int] = []
@@ -518,8 +517,7 @@ class Mp4MdatStream(IndexLastStream):
 
     def _use(self, config: AacConfig) -> None:
         self._config = config
-        self._finder = UnitFinder(config)
-        self._frame_units(self._finder, self._mdat_left, self._after_mdat, self._at_unit)
+        self._frame_units(UnitFinder(config), self._mdat_left, self._after_mdat, self._at_unit)
 
     def _amr_frame(self, final: bool) -> bool:
         if self._mdat_left == 0:
@@ -596,8 +594,7 @@ class Mp4MdatStream(IndexLastStream):
             raise StreamFailed(
                 f"guessed {self._config.describe()}, the hoov says {track.config.describe()}"
             )
-        self._config = track.config
-        self._finder = UnitFinder(track.config)
+        self._config = track.config  # every sample's size comes from a moof from here on
         self.certainty = Certainty.EXACT  # the guess, if any, was checked against the hoov
         self._step = self._fragments
 
@@ -640,7 +637,7 @@ class Mp4MdatStream(IndexLastStream):
         problem = self._disagreement(track)
         if problem:
             return Verdict(False, problem)
-        return Verdict(True, declared_seconds=track.declared_seconds or None)
+        return Verdict(True, declared_seconds=track.declared_seconds)
 
     def _disagreement(self, track: TrackIndex) -> str:
         if track.codec != self.codec:

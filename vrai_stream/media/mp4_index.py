@@ -46,8 +46,9 @@ class TrackIndex:
     """False for an edit list other than one edit from `priming` on: not streamed."""
 
     @property
-    def declared_seconds(self) -> float:
-        return self.duration / self.timescale if self.timescale else 0.0
+    def declared_seconds(self) -> float | None:
+        """What plays: the track's length less the priming the edit list skips."""
+        return (self.duration - self.priming) / self.timescale if self.timescale else None
 
 
 def box_header(data: bytes | memoryview, offset: int = 0) -> tuple[bytes, int, int] | None:

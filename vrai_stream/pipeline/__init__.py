@@ -156,7 +156,8 @@ class Pipeline:
         head, layout = await _read_head(body)
         result.layout = layout
         result.mode = layout.mode
-        result.declared_seconds = declared_seconds(layout.container, b"".join(head))
+        sniffed = b"".join(head)
+        result.declared_seconds = declared_seconds(layout.container, sniffed)
         copies.start_input(layout)
         failure: errors.ServiceError | None = None
         job = _Job(spec, result, copies, meter, listener, output)
@@ -167,7 +168,7 @@ class Pipeline:
                 else:
                     # ffmpeg must seek in this layout: the body goes to disk first.
                     source = cleanup.enter_context(self.new_file_spool(".input"))
-                    failure = await self._spooled(job, group, head, body, layout, source)
+                    failure = await self._spooled(job, group, head, body, layout, source, sniffed)
             # Leaving the task group means the body has been read to its last byte.
         if failure is not None:
             raise failure
@@ -197,11 +198,12 @@ class Pipeline:
         body: AsyncIterator[bytes],
         layout: Layout,
         source: FileSpool,
+        sniffed: bytes,
     ) -> errors.ServiceError | None:
         """The body goes to disk for ffmpeg to seek in; where its audio can be framed as it
         arrives (`media.index_last`), it streams all the same, and the spool is decoded only
         if the recording's index disagrees with what was streamed."""
-        stream = self._index_last_stream(layout, b"".join(head))
+        stream = self._index_last_stream(layout, sniffed)
         if stream is None:
             await _pump(head, body, _write_to(source), _finish_of(source), job.copies)
         else:
