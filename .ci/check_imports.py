@@ -4,7 +4,10 @@
 Imports run one way: `cli` -> `http/` -> `services` -> `pipeline` -> the leaf packages -> base.
 A leaf package (auth, bodies, media, speech, debug_store, uploads) imports base modules and
 itself, never another leaf, the pipeline or HTTP.  Every import counts, those under
-`TYPE_CHECKING` and inside functions included.
+`TYPE_CHECKING` and inside functions included, and so does what Python imports on the way:
+importing `a.b.c` runs `a/__init__` and `a/b/__init__` first, so a cycle through a package's
+`__init__` is a cycle.  The web framework (starlette, uvicorn) is imported in `http/` only.
+Exemptions are in `EXEMPTIONS`, each with its reason.
 
 Run: .venv/bin/python .ci/check_imports.py [package folder]
 """
@@ -28,8 +31,17 @@ BASE = {
     "heap",
     "spool",
 }
-BASE_MODULES = {"vrai_stream.auth.config"}
-"""Configuration that lives beside its part but is read by `settings`: base, wherever it sits."""
+EXEMPTIONS = {
+    "vrai_stream.auth.config": (
+        "base, wherever it sits: configuration that lives beside its part (auth) but is "
+        "read by `settings`"
+    ),
+}
+"""Modules that rank other than their folder says, and why."""
+BASE_MODULES = set(EXEMPTIONS)
+WEB_FRAMEWORK = {"starlette", "uvicorn"}
+WEB_PART = "http"
+"""The only part that imports the web framework: everything below it stays plain Python."""
 LEAVES = {"auth", "bodies", "media", "speech", "debug_store", "uploads"}
 LAYERS = {"pipeline": 2, "services": 3, "http": 4, "cli": 5, "__main__": 5}
 """Rank of each part above the leaves (1) and base (0): a part imports only lower ranks."""
@@ -64,8 +76,36 @@ def modules(root: Path) -> dict[str, Path]:
     return found
 
 
-def imports(module: str, path: Path, known: dict[str, Path]) -> Iterator[tuple[str, int]]:
-    """Every package module `module` imports, with the line that does it."""
+def imports(module: str, path: Path, known: dict[str, Path]) -> Iterator[tuple[str, int, bool]]:
+    """Every package module `module` imports, with the line that does it, and whether it is
+    run on the way only: each named module, then the packages Python runs first (`a.b.c`
+    runs `a.b`), except those `module` itself lives in (under way, or done, before it runs).
+    A package run on the way counts for cycles; the direction rules judge what is named."""
+    for target, line in _named_imports(path, module, known, package_only=True):
+        yield target, line, False
+        for ancestor in _ancestors(target):
+            if ancestor in known and ancestor not in _ancestors(module):
+                yield ancestor, line, True
+
+
+def _ancestors(module: str) -> list[str]:
+    """`a.b.c` -> `a.b`, `a` (the root package is every module's, and never counts)."""
+    pieces = module.split(".")
+    return [".".join(pieces[:end]) for end in range(len(pieces) - 1, 1, -1)]
+
+
+def third_party(path: Path, module: str) -> Iterator[tuple[str, int]]:
+    """The top-level name of every outside package `module` imports, with its line."""
+    for target, line in _named_imports(path, module, {}, package_only=False):
+        top = target.split(".")[0]
+        if top and top != PACKAGE:
+            yield top, line
+
+
+def _named_imports(
+    path: Path, module: str, known: dict[str, Path], *, package_only: bool
+) -> Iterator[tuple[str, int]]:
+    """The modules an import statement names, resolved (relative imports too)."""
     is_package = path.name == "__init__.py"
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
@@ -86,7 +126,7 @@ def imports(module: str, path: Path, known: dict[str, Path]) -> Iterator[tuple[s
         else:
             continue
         for target in targets:
-            if target.split(".")[0] == PACKAGE and target in known:
+            if not package_only or (target.split(".")[0] == PACKAGE and target in known):
                 yield target, node.lineno
 
 
@@ -117,12 +157,19 @@ def check(root: Path) -> list[str]:
     graph: dict[str, set[str]] = {name: set() for name in known}
     problems = []
     for module, path in known.items():
-        for target, line in imports(module, path, known):
+        if part(module) != WEB_PART:
+            for outside, line in third_party(path, module):
+                if outside in WEB_FRAMEWORK:
+                    problems.append(
+                        f"{path}:{line}: {module} ({part(module)}) must not import {outside}: "
+                        f"the web framework stays in {WEB_PART}/"
+                    )
+        for target, line, on_the_way in imports(module, path, known):
             if target == module:
                 continue
             graph[module].add(target)
             source, dest = part(module), part(target)
-            if source == dest:
+            if source == dest or on_the_way:
                 continue
             if rank(dest) > rank(source) or (rank(dest) == rank(source) == 1):
                 problems.append(f"{path}:{line}: {module} ({source}) must not import {target}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from .support.ci_scripts import CI, load
 
 ROOT = CI.parent
@@ -74,3 +76,54 @@ def test_base_importing_a_job_part_is_refused(tmp_path: Path) -> None:
     root = _package(tmp_path, {"settings.py": "import vrai_stream.pipeline\n", "pipeline.py": ""})
     (problem,) = check_imports.check(root)
     assert "vrai_stream.settings (settings) must not import vrai_stream.pipeline" in problem
+
+
+def test_a_cycle_through_a_package_init_is_found(tmp_path: Path) -> None:
+    """`settings` imports `auth.config`, which runs `auth/__init__` first: an `__init__` that
+    imports the authenticators (which import the settings) breaks `import vrai_stream.settings`
+    although no module names another in a circle."""
+    root = _package(
+        tmp_path,
+        {
+            "settings.py": "from vrai_stream.auth.config import AuthConfig\nANONYMOUS = 'a'\n",
+            "auth/__init__.py": "from vrai_stream.auth.tokens import OffAuthenticator\n",
+            "auth/config.py": "class AuthConfig: ...\n",
+            "auth/tokens.py": "from vrai_stream.settings import ANONYMOUS\n",
+        },
+    )
+    assert check_imports.check(root) == [
+        "import cycle: vrai_stream.auth -> vrai_stream.auth.tokens -> vrai_stream.settings "
+        "-> vrai_stream.auth"
+    ]
+
+
+def test_a_submodule_importing_its_sibling_is_no_cycle(tmp_path: Path) -> None:
+    """The package a module lives in is under way before it runs: not an edge back."""
+    root = _package(
+        tmp_path,
+        {
+            "pipeline/__init__.py": "from vrai_stream.pipeline.segments import Live\n",
+            "pipeline/job.py": "class Spec: ...\n",
+            "pipeline/segments.py": "from vrai_stream.pipeline.job import Spec\nLive = Spec\n",
+        },
+    )
+    assert check_imports.check(root) == []
+
+
+@pytest.mark.parametrize("framework", ["starlette.responses", "uvicorn"])
+def test_the_web_framework_below_http_is_refused(tmp_path: Path, framework: str) -> None:
+    root = _package(
+        tmp_path,
+        {
+            "http/__init__.py": "",
+            "http/app.py": f"import {framework}\n",
+            "uploads/__init__.py": "",
+            "uploads/session.py": f"def f():\n    from {framework} import Response\n",
+        },
+    )
+    (problem,) = check_imports.check(root)
+    top = framework.split(".")[0]
+    assert problem.endswith(
+        f"vrai_stream.uploads.session (uploads) must not import {top}: "
+        "the web framework stays in http/"
+    ), problem
