@@ -53,7 +53,7 @@ from vrai_stream.debug_store.base import CopyContext, Keys, metadata
 from vrai_stream.http.responses import error_response
 from vrai_stream.media.failures import explain_failure
 from vrai_stream.media.ffmpeg import build_command, find_ffmpeg
-from vrai_stream.media.ffmpeg_job import TranscodeOutcome
+from vrai_stream.media.ffmpeg_process import TranscodeOutcome
 from vrai_stream.media.mp3 import mp3_duration
 from vrai_stream.media.sniff import SNIFF_LIMIT_BYTES, Layout, sniff
 from vrai_stream.media.window import Window, parse_window

@@ -420,3 +420,13 @@ class Progress:
             self._bar.close()
         else:
             sys.stderr.write("\n")
+
+
+def with_wait(timings: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A server's `timings`, with `afterLastByte` (what the client waited after its last
+    byte): the service's are marks since admission, so it is `total - receive`; the
+    baseline server reports it itself."""
+    found = dict(timings or {})
+    if "afterLastByte" not in found and "total" in found and "receive" in found:
+        found["afterLastByte"] = round(found["total"] - found["receive"], 3)
+    return found

@@ -277,7 +277,7 @@ def measure(server: ServerProcess, data: bytes, rate: float | None, idle: int) -
     if response.status_code != 200:
         print(f"  ! {server.name}: HTTP {response.status_code} {response.text[:300]}")
     request_id = response.headers.get("x-request-id", "")
-    logged = server.request_logs().get(request_id, {}).get("timings", {}).get("afterLastByte")
+    logged = server.request_logs().get(request_id, {}).get("afterLastByte")
     run = Run(
         size_mb=0,
         pace_mb_s=0,

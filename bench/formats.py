@@ -77,6 +77,7 @@ from .common import (
     run_ffmpeg,
     running_service,
     tool,
+    with_wait,
     write_json,
 )
 
@@ -292,7 +293,7 @@ def measure(
                 status=response.status_code,
                 after_last_byte=after_last_byte,
                 total=total,
-                server_after_last_byte=timings.get("afterLastByte"),
+                server_after_last_byte=with_wait(timings).get("afterLastByte"),
                 mp3_bytes=len(response.content) if response.status_code == 200 else 0,
                 audio_seconds=float(duration) if duration else None,
             )
@@ -629,7 +630,7 @@ def run_paced(
                 run = anyio.run(paced_upload, server.url, pair[0], name, files[name], rate, repeat)
                 server.wait_idle(60)
                 logged = server.request_logs().get(run.request_id or "", {})
-                run.server_after_last_byte = (logged.get("timings") or {}).get("afterLastByte")
+                run.server_after_last_byte = with_wait(logged.get("timings")).get("afterLastByte")
                 runs.append(run)
                 print(describe_run(run), flush=True)
     return runs

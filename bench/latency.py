@@ -82,6 +82,7 @@ from .common import (
     settled_rss,
     tool,
     wait_ready,
+    with_wait,
     write_json,
 )
 
@@ -508,7 +509,7 @@ def measure(
         repeat=repeat,
         status=reply.status if not events or body.get("success") else int(body.get("status", 0)),
         code=body.get("code"),
-        after_last_byte=timings.get("afterLastByte"),
+        after_last_byte=with_wait(timings).get("afterLastByte"),
         client_after_last_chunk=reply.finished - reply.last_chunk,
         upload_seconds=reply.last_chunk - reply.started,
         timings=timings,

@@ -86,6 +86,7 @@ from .common import (
     settled_rss,
     tool,
     wait_ready,
+    with_wait,
     write_json,
 )
 
@@ -415,7 +416,7 @@ def attach_server_timings(server: ServerProcess, records: Sequence[Record]) -> N
     for record in records:
         logged = logs.get(record.request_id or "")
         if logged:
-            record.server_timings = dict(logged.get("timings") or {})
+            record.server_timings = with_wait(logged.get("timings"))
             record.server_after_last_byte_seconds = record.server_timings.get("afterLastByte")
 
 

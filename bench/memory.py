@@ -48,6 +48,7 @@ from .common import (
     run_ffmpeg,
     running_service,
     tool,
+    with_wait,
     write_json,
 )
 
@@ -348,7 +349,7 @@ def measure_service(
         rss_before=before.rss,
         total_seconds=marks.finished - marks.started,
         after_last_byte_seconds=marks.finished - marks.last_chunk_sent,
-        server_after_last_byte_seconds=log.get("timings", {}).get("afterLastByte"),
+        server_after_last_byte_seconds=with_wait(log.get("timings")).get("afterLastByte"),
         mp3_bytes=len(body),
         audio_seconds=float(duration) if duration else None,
         samples=sampler.samples,

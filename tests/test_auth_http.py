@@ -24,7 +24,6 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from vrai_stream.auth.config import hash_token
 from vrai_stream.auth.jwt import FIREBASE_ISSUER_PREFIX
@@ -242,14 +241,13 @@ def log_of(server: Server, response: httpx.Response) -> dict[str, Any]:
     return entry
 
 
-async def audio_seconds_by_user(client: httpx.AsyncClient) -> dict[str, float]:
-    response = await client.get("/metrics")
-    assert response.status_code == 200
+def audio_seconds_by_user(server: Server) -> dict[str, float]:
+    """Each user's audio, as billing reads it: the request log's `audioSeconds` by `userId`
+    (the metric has no user label: one series per user would grow without bound)."""
     found: dict[str, float] = {}
-    for family in text_string_to_metric_families(response.text):
-        for sample in family.samples:
-            if sample.name == "vrai_audio_seconds_total":
-                found[sample.labels["user"]] = sample.value
+    for entry in server.request_logs():
+        if "audioSeconds" in entry:
+            found[entry["userId"]] = found.get(entry["userId"], 0.0) + entry["audioSeconds"]
     return found
 
 
@@ -271,7 +269,7 @@ async def test_a_valid_jwt_opens_every_audio_endpoint_and_is_billed_to_its_user(
             assert entry["userId"] == "user-jwt-1"
             assert entry["audioSeconds"] > 2.0
             durations += entry["audioSeconds"]
-        usage = await audio_seconds_by_user(client)
+        usage = audio_seconds_by_user(jwt_server)
     assert usage.get("user-jwt-1") == pytest.approx(durations, abs=0.01), usage
     assert token not in jwt_server.log_path.read_text()
     jwt_server.wait_idle()
@@ -286,7 +284,7 @@ async def test_a_valid_static_token_names_its_user(token_server: Server, media: 
             )
             assert response.status_code == 200, response.text
             assert log_of(token_server, response)["userId"] == user
-        usage = await audio_seconds_by_user(client)
+        usage = audio_seconds_by_user(token_server)
         refused = await refused_by(
             token_server, "/v1/transcriptions", audio[:2000], TOKEN_USERS["alice"] + "x"
         )
@@ -309,7 +307,7 @@ async def test_a_valid_firebase_id_token_names_its_user(
         assert response.status_code == 200, response.text
         assert has_words(response.json()["transcription"], SENTENCE_WORDS, at_least=4)
         assert log_of(firebase_server, response)["userId"] == "firebase-uid-7"
-        usage = await audio_seconds_by_user(client)
+        usage = audio_seconds_by_user(firebase_server)
         assert usage.get("firebase-uid-7", 0) > 2.0, usage
 
         # Firebase's own rules: the project is the audience and names the issuer, and

@@ -7,7 +7,6 @@ behind it), so every call the service makes upstream is counted.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -69,9 +68,12 @@ def headers(user: str, key: str, **more: str) -> dict[str, str]:
 
 
 def audio_seconds_billed(server: Server, user: str) -> float:
-    metrics = httpx.get(f"{server.url}/metrics").text
-    found = re.search(rf'^vrai_audio_seconds_total{{user="{user}"}} (\S+)$', metrics, re.M)
-    return float(found.group(1)) if found else 0.0
+    """A user's audio, as billing reads it: the request log's `audioSeconds` per `userId`."""
+    return sum(
+        entry.get("audioSeconds", 0.0)
+        for entry in server.request_logs()
+        if entry.get("userId") == user
+    )
 
 
 async def test_a_retry_after_a_lost_response_gets_the_first_answer(

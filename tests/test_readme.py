@@ -46,3 +46,34 @@ def test_every_error_code_is_in_the_readme() -> None:
     assert not missing, f"error codes missing from the README's errors table: {missing}"
     for code in unlisted:
         assert f"`{code}`" in README, code
+
+
+def code_map() -> dict[str, str]:
+    """The code map's rows: what each `where` cell names, and what its row says it owns."""
+    section = README.split("## Code map", 1)[1].split("\n## ", 1)[0]
+    rows: dict[str, str] = {}
+    for line in section.splitlines():
+        cells = line.strip("|").split(" | ")
+        if line.startswith("| ") and len(cells) == 2 and cells[0] not in ("where", "---"):
+            rows[cells[0]] = cells[1]
+    return rows
+
+
+def test_the_code_map_names_every_module() -> None:
+    """A module the map does not name is one nobody finds from the README."""
+    rows = code_map()
+    package = ROOT / "vrai_stream"
+    unnamed = []
+    for path in sorted(package.rglob("*.py")):
+        relative = path.relative_to(package)
+        if relative.name == "__init__.py" and relative.parent != Path("pipeline"):
+            continue  # a package's docstring, named by its folder's row
+        if len(relative.parts) == 1:
+            if not any(f"`{relative.name}`" in where for where in rows):
+                unnamed.append(str(relative))
+            continue
+        folder = f"`{relative.parts[0]}/`"
+        owns = " ".join(text for where, text in rows.items() if folder in where)
+        if f"`{path.stem}`" not in owns:
+            unnamed.append(str(relative))
+    assert not unnamed, f"modules the README's code map does not name: {unnamed}"

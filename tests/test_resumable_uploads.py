@@ -130,8 +130,14 @@ async def test_an_upload_cut_off_and_resumed_is_transcribed_as_if_nothing_happen
     assert input_copy(resumable, body["requestId"]) == recording
     log = resumable.request_log(body["requestId"])
     assert log["uploadResumptions"] == 1
-    gone = await offset(location, headers=alice(), version=6)
-    assert gone.status == 410  # the job is over: the upload can no longer be resumed
+    # The job is over: the upload still says where it stands, and takes no more bytes.
+    after = await offset(location, headers=alice(), version=6)
+    assert (after.status, after.offset, after.complete) == (204, len(recording), True)
+    more = await append(location, b"more", len(recording), headers=alice(), version=6)
+    assert more.status == 409, more.body
+    assert more.json()["code"] == "upload_offset_mismatch"
+    assert more.headers["upload-offset"] == str(len(recording))
+    assert more.headers["upload-complete"] == "?1"
 
 
 async def test_the_draft_client_resumes_by_itself_through_several_drops(

@@ -307,3 +307,23 @@ async def test_events_carry_the_segments_so_far_then_the_error(
     assert segment.data["text"] == first_text
     openai_server.wait_idle()
     assert openai_server.children() == []
+
+
+async def test_segment_events_are_the_answers_segments(server: Server) -> None:
+    """One `segment` event per entry of the answer's `segments`, same text and times: the
+    local model's calls join cuts and time their own words, and the events say what the
+    answer says (11 s of real speech: 2 segments, once 1 event)."""
+    audio = (SPEECH / "s01_jfk_inaugural.flac").read_bytes()
+    headers = {"Accept": "text/event-stream", "Content-Type": "audio/flac"}
+    async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+        streamed = await client.post("/v1/transcriptions", content=chunked(audio), headers=headers)
+    assert streamed.status_code == 200, streamed.text
+    events = parse_events(streamed.text)
+    assert events[-1].name == "done", [event.name for event in events]
+    answer = events[-1].data["segments"]
+    heard = [event.data for event in events if event.name == "segment"]
+    assert len(answer) >= 2, answer
+    assert [event["index"] for event in heard] == list(range(len(answer)))
+    assert [(s["start"], s["end"], s["text"]) for s in heard] == [
+        (s["start"], s["end"], s["text"]) for s in answer
+    ]

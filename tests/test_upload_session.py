@@ -1,6 +1,6 @@
-"""The resumable upload's parts alone: the draft's fields (`uploads/protocol`), a session fed
-by one connection after another (`uploads/session`, `uploads/registry`), and the keys kept
-for retries (`uploads/idempotency`)."""
+"""The resumable upload's parts alone: the draft's fields (`http/upload_draft`), a session fed
+by one connection after another (`uploads/session`, `uploads/registry`), the keys kept for
+retries (`uploads/idempotency`), and the recorded answers both hand on (`uploads/recorded`)."""
 
 from __future__ import annotations
 
@@ -13,13 +13,14 @@ import anyio.lowlevel
 import pytest
 
 from vrai_stream import errors
+from vrai_stream.http.upload_draft import Draft, draft_of
 from vrai_stream.uploads.idempotency import (
     MAX_KEPT_ANSWER_BYTES,
     MAX_KEPT_TOTAL_BYTES,
+    Entry,
     IdempotencyKeys,
-    KeptAnswer,
 )
-from vrai_stream.uploads.protocol import Draft, draft_of
+from vrai_stream.uploads.recorded import RELAY_BYTES, RecordedAnswer
 from vrai_stream.uploads.registry import Uploads
 from vrai_stream.uploads.session import State, UploadSession
 
@@ -215,13 +216,22 @@ async def test_nothing_is_lost_or_doubled_however_often_waits_are_cut_short() ->
     assert feeds > 5, "the timeouts never cut a feeder off: the test proves nothing"
 
 
+async def _answered(entry: Entry, status: int, body: bytes) -> None:
+    """The first request's answer, recorded as it is sent, its body hashed."""
+    entry.hash_known("hash")
+    entry.answer.start(status, (("content-type", "application/json"),))
+    await entry.answer.write(body)
+    entry.answer.finish()
+
+
 async def test_kept_answers_are_bounded_in_bytes_and_time() -> None:
     keys = IdempotencyKeys(ttl_seconds=0.2)
-    big = KeptAnswer(200, (), bytes(MAX_KEPT_ANSWER_BYTES))
     for n in range(MAX_KEPT_TOTAL_BYTES // MAX_KEPT_ANSWER_BYTES + 3):
         entry, first = keys.claim("alice", f"key-{n}")
         assert first
-        keys.settle("alice", f"key-{n}", entry, big)
+        await _answered(entry, 200, bytes(MAX_KEPT_ANSWER_BYTES))
+        keys.settle(entry, 200)
+        assert entry.kept
     assert len(keys) == MAX_KEPT_TOTAL_BYTES // MAX_KEPT_ANSWER_BYTES, "oldest dropped first"
     assert keys.claim("alice", "key-0")[1], "the oldest was kept beyond the byte cap"
     await anyio.sleep(0.25)
@@ -232,10 +242,71 @@ async def test_an_answer_that_may_go_another_way_frees_its_key() -> None:
     keys = IdempotencyKeys(ttl_seconds=60)
     for status in (502, 503, 504, 499, 409, 408, 429):
         entry, _ = keys.claim("alice", "key")
-        keys.settle("alice", "key", entry, KeptAnswer(status, (), b"{}"))
-        assert entry.settled.is_set()
+        await _answered(entry, status, b"{}")
+        keys.settle(entry, status)
+        assert entry.settled.is_set() and not entry.kept
         assert keys.claim("alice", "key")[1], status
-        keys.settle("alice", "key", keys.claim("alice", "key")[0], None)
+        keys.settle(keys.claim("alice", "key")[0], 499)
     entry, _ = keys.claim("alice", "key")
-    keys.settle("alice", "key", entry, KeptAnswer(422, (), b"{}"))  # final: kept
+    await _answered(entry, 422, b"{}")
+    keys.settle(entry, 422)  # final: kept
     assert keys.claim("alice", "key") == (entry, False)
+
+
+async def test_an_answer_too_large_to_keep_frees_its_key() -> None:
+    keys = IdempotencyKeys(ttl_seconds=60)
+    entry, _ = keys.claim("alice", "key")
+    await _answered(entry, 200, bytes(MAX_KEPT_ANSWER_BYTES + 1))
+    keys.settle(entry, 200)
+    assert entry.answer.overflowed and not entry.kept
+    assert keys.claim("alice", "key")[1]
+
+
+async def test_a_kept_answer_is_followed_from_its_first_byte_by_any_reader() -> None:
+    answer = RecordedAnswer(max_bytes=1024)
+    answer.start(200, (("content-type", "text/event-stream"),))
+    await answer.write(b"one ")
+    heard: list[list[bytes]] = [[], []]
+
+    async def follow(into: list[bytes]) -> None:
+        async for chunk in answer.follow():
+            into.append(chunk)
+
+    async with anyio.create_task_group() as group:
+        for into in heard:
+            group.start_soon(follow, into)
+        await anyio.sleep(0.01)
+        await answer.write(b"two")
+        answer.finish()
+    assert [b"".join(chunks) for chunks in heard] == [b"one two", b"one two"]
+    assert answer.complete and answer.body == b"one two"
+
+
+async def test_a_relay_holds_its_writer_back_to_its_reader() -> None:
+    """A long MP3 relayed to the request that resumed its upload is never whole in memory."""
+    relay = RecordedAnswer(relay=True)
+    relay.start(200, ())
+    await relay.write(b"head")
+    written = 4
+    piece = bytes(64 * 1024)
+
+    async def write_all() -> None:
+        nonlocal written
+        for _ in range(64):  # 4 MiB
+            await relay.write(piece)
+            written += len(piece)
+        relay.finish()
+
+    read = 0
+    most_ahead = 0
+    reader = relay.follow()
+    async with anyio.create_task_group() as group:
+        first = await reader.__anext__()  # the resuming request follows as the answer starts
+        group.start_soon(write_all)
+        read = len(first)
+        async for chunk in reader:
+            read += len(chunk)
+            most_ahead = max(most_ahead, written - read)
+            await anyio.sleep(0.001)  # a slow link
+    assert read == written == 4 + 64 * len(piece)
+    assert most_ahead <= RELAY_BYTES + 2 * len(piece), most_ahead

@@ -1,4 +1,4 @@
-"""`read_upload`: fields first streams the audio; audio first goes through a disk spool.
+"""`read_submission`: fields first streams the audio; audio first goes through a disk spool.
 
 The spools are real `FileSpool`s in a temp folder, so the tests can see that a spool file
 exists while it should and is gone after the audio is read, after an early close, after a
@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vrai_stream import errors
-from vrai_stream.bodies.forms import Upload, read_upload
+from vrai_stream.bodies.forms import Submission, read_submission
 from vrai_stream.bodies.legacy_json import LegacyJsonDecoder
 from vrai_stream.bodies.multipart import MultipartDecoder
 from vrai_stream.errors import InvalidJson
@@ -114,7 +114,7 @@ def listing(folder: Path) -> list[Path]:
     return list(folder.iterdir())
 
 
-async def read_all(upload: Upload) -> bytes:
+async def read_all(upload: Submission) -> bytes:
     return b"".join([chunk async for chunk in upload.audio])
 
 
@@ -123,7 +123,7 @@ async def read_all(upload: Upload) -> bytes:
 
 async def test_fields_first_streams_without_touching_disk() -> None:
     body = Body(legacy("fromTime", "toTime", "fileBlob", "summarizationType"))
-    upload = await read_upload(
+    upload = await read_submission(
         aiter(body), LegacyJsonDecoder(), required=TIMES, make_spool=no_spool
     )
     async with upload:
@@ -143,7 +143,7 @@ async def test_fields_first_streams_without_touching_disk() -> None:
 
 async def test_multipart_fields_first_and_after() -> None:
     body = Body(multipart("toTime", "fromTime", "audio", "summarizationType"))
-    async with await read_upload(
+    async with await read_submission(
         aiter(body), multipart_decoder(), required=TIMES, make_spool=no_spool
     ) as upload:
         assert upload.start.filename == "a.m4a"
@@ -158,7 +158,7 @@ async def test_multipart_fields_first_and_after() -> None:
 async def test_nothing_required_always_streams() -> None:
     """The OpenAI-compatible endpoint: `model` and the rest may follow the file."""
     body = Body(multipart("audio", "summarizationType"))
-    async with await read_upload(
+    async with await read_submission(
         aiter(body), multipart_decoder(), required=(), make_spool=no_spool
     ) as upload:
         assert upload.fields == {}
@@ -168,7 +168,7 @@ async def test_nothing_required_always_streams() -> None:
 
 async def test_an_error_after_streamed_audio_surfaces_from_the_audio() -> None:
     body = Body(legacy("fromTime", "toTime", "fileBlob", tail=b" trailing garbage"))
-    async with await read_upload(
+    async with await read_submission(
         aiter(body), LegacyJsonDecoder(), required=TIMES, make_spool=no_spool
     ) as upload:
         with pytest.raises(InvalidJson, match="after the end of the object"):
@@ -177,12 +177,12 @@ async def test_an_error_after_streamed_audio_surfaces_from_the_audio() -> None:
 
 async def test_a_time_may_not_change_after_the_audio_started() -> None:
     same = Body(multipart("fromTime", "toTime", "audio", "fromTime"))
-    async with await read_upload(
+    async with await read_submission(
         aiter(same), multipart_decoder(), required=TIMES, make_spool=no_spool
     ) as upload:
         assert await read_all(upload) == PAYLOAD
     changed = Body(multipart("fromTime", "toTime", "audio", "fromTime=9"))
-    async with await read_upload(
+    async with await read_submission(
         aiter(changed), multipart_decoder(), required=TIMES, make_spool=no_spool
     ) as upload:
         with pytest.raises(errors.InvalidParameters, match="fromTime is given twice"):
@@ -195,7 +195,7 @@ async def test_repeated_fields_are_all_kept_in_order(tmp_path: Path, audio_first
     items = ("keywords[]=fox", "fromTime", "keywords[]=lazy dog", "toTime")
     order = ("audio", *items) if audio_first else (*items, "audio", "keywords[]=a")
     body = Body(multipart(*order))
-    async with await read_upload(
+    async with await read_submission(
         aiter(body), multipart_decoder(), required=TIMES, make_spool=spools(tmp_path)
     ) as upload:
         assert upload.spooled is audio_first
@@ -212,7 +212,7 @@ async def test_repeated_fields_are_all_kept_in_order(tmp_path: Path, audio_first
 
 async def test_audio_first_spools_to_disk_then_reads_back(tmp_path: Path) -> None:
     body = Body(legacy("fileBlob", "summarizationType", "toTime", "fromTime"))
-    upload = await read_upload(
+    upload = await read_submission(
         aiter(body),
         LegacyJsonDecoder(),
         required=TIMES,
@@ -237,7 +237,7 @@ async def test_audio_first_spools_to_disk_then_reads_back(tmp_path: Path) -> Non
 
 async def test_multipart_fields_after_the_file_spool(tmp_path: Path) -> None:
     body = Body(multipart("fromTime", "audio", "toTime"))
-    async with await read_upload(
+    async with await read_submission(
         aiter(body), multipart_decoder(), required=TIMES, make_spool=spools(tmp_path)
     ) as upload:
         assert upload.spooled and upload.fields == {"fromTime": "1.5", "toTime": "30"}
@@ -248,7 +248,7 @@ async def test_multipart_fields_after_the_file_spool(tmp_path: Path) -> None:
 async def test_the_spool_goes_on_early_close(tmp_path: Path) -> None:
     disk = Budget(None)
     body = Body(legacy("fileBlob", "fromTime", "toTime"))
-    upload = await read_upload(
+    upload = await read_submission(
         aiter(body),
         LegacyJsonDecoder(),
         required=TIMES,
@@ -265,7 +265,7 @@ async def test_the_spool_goes_on_early_close(tmp_path: Path) -> None:
 
 async def test_the_spool_goes_when_reading_back_is_cancelled(tmp_path: Path) -> None:
     body = Body(legacy("fileBlob", "fromTime", "toTime"))
-    upload = await read_upload(
+    upload = await read_submission(
         aiter(body), LegacyJsonDecoder(), required=TIMES, make_spool=spools(tmp_path)
     )
     assert await upload.audio.__anext__()  # the spool is open for reading now
@@ -290,7 +290,7 @@ def open_files() -> list[str]:
 
 async def test_the_spool_goes_when_the_audio_is_never_read(tmp_path: Path) -> None:
     body = Body(legacy("fileBlob", "fromTime", "toTime"))
-    async with await read_upload(
+    async with await read_submission(
         aiter(body), LegacyJsonDecoder(), required=TIMES, make_spool=spools(tmp_path)
     ):
         assert len(listing(tmp_path)) == 1
@@ -301,7 +301,7 @@ async def test_the_spool_goes_on_a_decoder_error(tmp_path: Path) -> None:
     made, make = kept_spools(tmp_path)
     body = Body(legacy("fileBlob", "fromTime", "toTime", tail=b"}"))
     with pytest.raises(InvalidJson):
-        await read_upload(aiter(body), LegacyJsonDecoder(), required=TIMES, make_spool=make)
+        await read_submission(aiter(body), LegacyJsonDecoder(), required=TIMES, make_spool=make)
     assert made and made[0].closed
     assert listing(tmp_path) == []
 
@@ -310,7 +310,7 @@ async def test_the_spool_goes_on_cancellation(tmp_path: Path) -> None:
     made, make = kept_spools(tmp_path)
     body = Body(legacy("fileBlob", "fromTime", "toTime")[:-30], hang=True)
     with anyio.move_on_after(0.5) as scope:
-        await read_upload(aiter(body), LegacyJsonDecoder(), required=TIMES, make_spool=make)
+        await read_submission(aiter(body), LegacyJsonDecoder(), required=TIMES, make_spool=make)
     assert scope.cancelled_caught
     assert made and made[0].closed and made[0].size > 0
     assert listing(tmp_path) == []
@@ -320,7 +320,7 @@ async def test_a_full_disk_is_a_507_and_leaves_nothing(tmp_path: Path) -> None:
     disk = Budget(100_000)
     body = Body(legacy("fileBlob", "fromTime", "toTime"))
     with pytest.raises(errors.DiskFull):
-        await read_upload(
+        await read_submission(
             aiter(body),
             LegacyJsonDecoder(),
             required=TIMES,
@@ -331,7 +331,7 @@ async def test_a_full_disk_is_a_507_and_leaves_nothing(tmp_path: Path) -> None:
 
 async def test_no_audio_is_an_empty_body() -> None:
     with pytest.raises(errors.EmptyBody, match="no fileBlob"):
-        await read_upload(
+        await read_submission(
             aiter(Body(legacy("fromTime", "toTime"))),
             LegacyJsonDecoder(),
             required=TIMES,
@@ -363,7 +363,7 @@ def test_any_order_and_chunking(
 
     async def run() -> None:
         body = Body(legacy(*keys, payload=payload), chunk=chunk)
-        async with await read_upload(
+        async with await read_submission(
             aiter(body), LegacyJsonDecoder(), required=TIMES, make_spool=spools(folder)
         ) as upload:
             assert upload.spooled == (not all(name in before_audio for name in TIMES))
@@ -395,7 +395,7 @@ async def test_hostile_json_never_blocks_the_event_loop_long() -> None:
     async with anyio.create_task_group() as group:
         group.start_soon(ticker)
         body = Body(dense, chunk=1024 * 1024)
-        async with await read_upload(
+        async with await read_submission(
             aiter(body), LegacyJsonDecoder(), required=TIMES, make_spool=no_spool
         ) as upload:
             assert await read_all(upload) == b"ABC"

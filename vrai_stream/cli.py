@@ -75,7 +75,7 @@ async def _transcribe(
     from vrai_stream.http.responses import success_body
     from vrai_stream.media.ffmpeg import find_ffmpeg
     from vrai_stream.media.window import parse_window
-    from vrai_stream.pipeline.job import JobResult, JobSpec
+    from vrai_stream.pipeline.job import JobSpec
     from vrai_stream.services import Services
 
     request_id = uuid.uuid4().hex
@@ -87,8 +87,11 @@ async def _transcribe(
         if to_time is not None:
             params["toTime"] = str(to_time)
         window = parse_window(params, max_window_seconds=settings.max_window_seconds)
-        result = JobResult(spec=JobSpec(request_id=request_id, window=window))
-        await services.pipeline.run(result.spec, _read_file(file), result)
+        result = await services.pipeline.run(
+            JobSpec(request_id=request_id, window=window), _read_file(file)
+        )
+        if result.failure is not None:
+            raise result.failure
     except errors.ServiceError as exc:
         print(json.dumps(exc.body(request_id), indent=2))
         return 1

@@ -41,73 +41,73 @@ class ServiceError(Exception):
         return body
 
 
-class RefusedUpload(ServiceError):
-    """Refused before or while the body arrived: no whole upload to keep copies of."""
+class RefusedRequest(ServiceError):
+    """Refused before or while the body arrived: no whole recording to keep copies of."""
 
     keeps_debug_copies = False
 
 
-class InvalidHttp(RefusedUpload):
+class InvalidHttp(RefusedRequest):
     """Not a well-formed HTTP/1.1 request: refused by the server's parser, before the app."""
 
     status, code = 400, "invalid_http"
 
 
-class HeadersTooLarge(RefusedUpload):
+class HeadersTooLarge(RefusedRequest):
     """The request line and headers together exceed the server's limit."""
 
     status, code = 431, "headers_too_large"
 
 
-class InvalidParameters(RefusedUpload):
+class InvalidParameters(RefusedRequest):
     status, code = 400, "invalid_parameters"
 
 
-class LanguageNotSupported(RefusedUpload):
+class LanguageNotSupported(RefusedRequest):
     """`language` names one the configured model cannot transcribe (`tiny.en`: English)."""
 
     status, code = 400, "language_not_supported"
 
 
-class InvalidWindow(RefusedUpload):
+class InvalidWindow(RefusedRequest):
     status, code = 400, "invalid_window"
 
 
-class EmptyBody(RefusedUpload):
+class EmptyBody(RefusedRequest):
     status, code = 400, "empty_body"
 
 
-class MissingAudioPart(RefusedUpload):
+class MissingAudioPart(RefusedRequest):
     """A form without the part that carries the recording (`audio`, or OpenAI's `file`)."""
 
     status, code = 400, "missing_audio_part"
 
 
-class BodyNotAudio(RefusedUpload):
+class BodyNotAudio(RefusedRequest):
     """A form or JSON body sent where the recording itself is the body."""
 
     status, code = 415, "body_not_audio"
 
 
-class InvalidJson(RefusedUpload):
+class InvalidJson(RefusedRequest):
     """The body is not the JSON object the legacy endpoint takes."""
 
     status, code = 400, "invalid_json"
 
 
-class InvalidBase64(RefusedUpload):
+class InvalidBase64(RefusedRequest):
     """The legacy body's `fileBlob` is not base64."""
 
     status, code = 400, "invalid_base64"
 
 
-class InvalidMultipart(RefusedUpload):
+class InvalidMultipart(RefusedRequest):
     """Not a well-formed multipart/form-data request, or no usable boundary."""
 
     status, code = 400, "invalid_multipart"
 
 
-class Unauthorized(RefusedUpload):
+class Unauthorized(RefusedRequest):
     status, code = 401, "unauthorized"
 
     def __init__(self, message: str, *, challenge: str) -> None:
@@ -116,29 +116,29 @@ class Unauthorized(RefusedUpload):
         """How to authenticate, and what was wrong: RFC 6750's `Bearer realm="...", error=...`."""
 
 
-class AuthUnavailable(RefusedUpload):
+class AuthUnavailable(RefusedRequest):
     """The signing keys cannot be fetched and none are cached: our fault, not the user's."""
 
     status, code = 503, "auth_unavailable"
 
 
-class NotFound(RefusedUpload):
+class NotFound(RefusedRequest):
     status, code = 404, "not_found"
 
 
-class MethodNotAllowed(RefusedUpload):
+class MethodNotAllowed(RefusedRequest):
     status, code = 405, "method_not_allowed"
 
 
-class UploadTimeout(RefusedUpload):
+class UploadTimeout(RefusedRequest):
     status, code = 408, "upload_timeout"
 
 
-class BodyTooLarge(RefusedUpload):
+class BodyTooLarge(RefusedRequest):
     status, code = 413, "body_too_large"
 
 
-class FieldTooLarge(RefusedUpload):
+class FieldTooLarge(RefusedRequest):
     """A text field of a form or legacy JSON body over its cap (fields are kept in memory)."""
 
     status, code = 413, "field_too_large"
@@ -160,7 +160,7 @@ class TranscodeTimeout(ServiceError):
     status, code = 422, "transcode_timeout"
 
 
-class ClientDisconnected(RefusedUpload):
+class ClientDisconnected(RefusedRequest):
     """The client went away; nobody reads this response, but logs and metrics do."""
 
     status, code = 499, "client_disconnected"
@@ -177,7 +177,7 @@ class TranscriptionFailed(ServiceError):
     status, code = 502, "transcription_failed"
 
 
-class Busy(RefusedUpload):
+class Busy(RefusedRequest):
     status, code = 503, "busy"
 
 
@@ -199,7 +199,7 @@ class TranscriptionTimeout(ServiceError):
     status, code = 504, "transcription_timeout"
 
 
-class DiskFull(RefusedUpload):
+class DiskFull(RefusedRequest):
     status, code = 507, "disk_full"
 
 
@@ -207,20 +207,20 @@ class InternalError(ServiceError):
     status, code = 500, "internal_error"
 
 
-class UploadNotFound(RefusedUpload):
+class UploadNotFound(RefusedRequest):
     """No resumable upload with this id here: never made, another user's, or on a machine
     that has stopped.  The client must send the whole recording again."""
 
     status, code = 404, "upload_not_found"
 
 
-class UploadExpired(RefusedUpload):
+class UploadExpired(RefusedRequest):
     """The upload was given up (not resumed in time, cancelled, or evicted)."""
 
     status, code = 410, "upload_expired"
 
 
-class UploadOffsetMismatch(RefusedUpload):
+class UploadOffsetMismatch(RefusedRequest):
     """A resumption that does not start where the upload stands; `Upload-Offset` says where."""
 
     status, code = 409, "upload_offset_mismatch"
@@ -231,13 +231,13 @@ class UploadOffsetMismatch(RefusedUpload):
         """The draft's fields that say where the upload stands, sent as headers."""
 
 
-class IdempotencyKeyReused(RefusedUpload):
+class IdempotencyKeyReused(RefusedRequest):
     """The same Idempotency-Key was sent with a different request."""
 
     status, code = 422, "idempotency_key_reused"
 
 
-class IdempotencyKeyInUse(RefusedUpload):
+class IdempotencyKeyInUse(RefusedRequest):
     """The first request with this key ended without an answer to repeat; try again."""
 
     status, code = 409, "idempotency_key_in_use"

@@ -8,9 +8,13 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 
 _STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
 
+UNROUTED = "none"
+"""The endpoint of an answer given before any endpoint: 404, 405, a head or chunk the HTTP
+parser refused (431, `invalid_http`)."""
+
 REQUESTS = Counter(
     "vrai_requests",
-    "Requests by endpoint and outcome code",
+    "Requests by endpoint and outcome code: every answer, counted once",
     ["endpoint", "code"],
     registry=REGISTRY,
 )
@@ -45,7 +49,9 @@ DEBUG_COPIES = Counter(
     registry=REGISTRY,
 )
 AUDIO_SECONDS = Counter(
-    "vrai_audio_seconds", "Seconds of audio processed, per user", ["user"], registry=REGISTRY
+    "vrai_audio_seconds",
+    "Seconds of audio processed (per user: `audioSeconds` and `userId` in the request log)",
+    registry=REGISTRY,
 )
 CLEANUP_FAILURES = Counter(
     "vrai_cleanup_failures", "Temp files that could not be deleted", registry=REGISTRY

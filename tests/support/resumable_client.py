@@ -280,7 +280,7 @@ async def _drop(stream: anyio.abc.SocketStream, attempt: Attempt, interim: bool)
         while attempt.location is None and attempt.status is None:  # noqa: ASYNC110
             await anyio.sleep(0.01)
     await anyio.sleep(0.05)  # let the server read what was sent
-    if attempt.status is not None:
+    if attempt.status is not None and not _streams(attempt):
         return  # answered already (an early error): nothing left to cut
     raw: socket.socket = stream.extra(anyio.abc.SocketAttribute.raw_socket)
     raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -316,7 +316,8 @@ async def _read(
         elif isinstance(event, h11.Response):
             attempt.status = event.status_code
             attempt.headers = _headers(event.headers)
-            answered.set()
+            if not _streams(attempt):
+                answered.set()  # an early error: the rest of the body is not wanted
         elif isinstance(event, h11.Data):
             body += event.data
         elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
@@ -324,6 +325,13 @@ async def _read(
             if attempt.status is None:
                 attempt.cut = True
             return
+
+
+def _streams(attempt: Attempt) -> bool:
+    """An answer of events, which begins while the body is still being sent: the body goes
+    on (and a lost link cuts the answer too)."""
+    streaming = attempt.headers.get("content-type", "").startswith("text/event-stream")
+    return attempt.status == 200 and streaming
 
 
 def _headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:

@@ -1,8 +1,8 @@
-"""Uploads that carry fields and audio in one body (legacy JSON, multipart), read as they stream.
+"""Bodies that carry fields and audio together (legacy JSON, multipart), read as they stream.
 
-A body decoder (`legacy_json`, `multipart_upload`) turns raw body chunks into events: `Field`s,
+A body decoder (`legacy_json`, `multipart`) turns raw body chunks into events: `Field`s,
 then one audio part (`AudioStart`, `AudioData`..., `AudioEnd`), maybe more `Field`s after it.
-`read_upload` turns those events into what a job needs: the fields that fix its window, and
+`read_submission` turns those events into what a job needs: the fields that fix its window, and
 the audio as an async iterator.  When the fields come first the audio streams as the body
 arrives; when the audio comes first nothing can start until the fields are known, so the audio
 waits in a disk spool (never in memory) until the body has ended, and is read back from there.
@@ -93,7 +93,7 @@ class BodyDecoder(Protocol):
 
 
 class DiskSpool(Protocol):
-    """What `read_upload` needs of a spool: `spool.FileSpool` fits."""
+    """What `read_submission` needs of a spool: `spool.FileSpool` fits."""
 
     path: Path
 
@@ -104,11 +104,11 @@ class DiskSpool(Protocol):
     def close(self) -> None: ...
 
 
-class Upload:
-    """The fields of an upload and its audio; an async context manager that cleans up.
+class Submission:
+    """A form or JSON body: its fields and its audio; an async context manager that cleans up.
 
     `fields` holds every field seen so far: all of `required` that the body has by the time
-    `read_upload` returns, the rest by the time `audio` is exhausted.  Closing the upload
+    `read_submission` returns, the rest by the time `audio` is exhausted.  Closing it
     (or exhausting `audio`) deletes the spool, if there is one; it never closes `chunks`,
     which stays the caller's.
     """
@@ -144,7 +144,7 @@ class Upload:
             if self._spool is not None:
                 self._spool.close()
 
-    async def __aenter__(self) -> Upload:
+    async def __aenter__(self) -> Submission:
         return self
 
     async def __aexit__(
@@ -156,14 +156,14 @@ class Upload:
         await self.aclose()
 
 
-async def read_upload(
+async def read_submission(
     chunks: AsyncIterator[bytes],
     decoder: BodyDecoder,
     *,
     required: Collection[str],
     make_spool: Callable[[], DiskSpool],
     read_size: int = READ_BACK_BYTES,
-) -> Upload:
+) -> Submission:
     """Read the body until the audio can start; return its fields and audio.
 
     If every name in `required` has arrived when the audio starts, the audio streams: the
@@ -182,7 +182,7 @@ async def read_upload(
                 if all(name in fields for name in required):
                     # Leaving the loop keeps `events` where it is: the audio goes on from there.
                     audio = _stream(events, fields, frozenset(required))
-                    return Upload(fields, audio, start=event, spool=None, events=events)
+                    return Submission(fields, audio, start=event, spool=None, events=events)
                 spool = make_spool()
                 try:
                     await _spool_rest(events, fields, spool)
@@ -190,7 +190,7 @@ async def read_upload(
                     spool.close()
                     raise
                 audio = _read_back(spool, read_size)
-                return Upload(fields, audio, start=event, spool=spool, events=events)
+                return Submission(fields, audio, start=event, spool=spool, events=events)
     except BaseException:
         await events.aclose()
         raise

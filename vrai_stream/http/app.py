@@ -7,7 +7,6 @@ server listens; a request that needs one before it is ready waits for that one o
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -22,11 +21,13 @@ from starlette.routing import Route
 from vrai_stream import errors, metrics
 from vrai_stream.heap import trim_when_idle
 from vrai_stream.http import page, routes, uploads
+from vrai_stream.http.context import request_id_of
 from vrai_stream.http.openapi import build_openapi
 from vrai_stream.http.responses import error_response
 from vrai_stream.media.child_process import kill_unreaped
 from vrai_stream.media.ffmpeg import find_ffmpeg
-from vrai_stream.media.ffmpeg_job import KILL_GRACE_SECONDS
+from vrai_stream.media.ffmpeg_process import KILL_GRACE_SECONDS
+from vrai_stream.metrics import UNROUTED
 from vrai_stream.services import Services
 from vrai_stream.settings import Settings
 from vrai_stream.spool import sweep_leftovers
@@ -127,7 +128,7 @@ async def prometheus_metrics(request: Request) -> Response:
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
-    """404s and 405s in the service's own error shape."""
+    """404s and 405s in the service's own error shape, logged and counted as every answer."""
     assert isinstance(exc, HTTPException)
     failure: errors.ServiceError
     if exc.status_code == 405:
@@ -137,16 +138,18 @@ async def http_error(request: Request, exc: Exception) -> Response:
     else:
         failure = errors.InvalidParameters(str(exc.detail))
         failure.status = exc.status_code
-    request_id = uuid.uuid4().hex
+    request_id = request_id_of(request.scope)
     log_request(
         {
             "requestId": request_id,
+            "endpoint": UNROUTED,
             "method": request.method,
             "path": request.url.path,
             "status": failure.status,
             "code": failure.code,
         }
     )
+    metrics.REQUESTS.labels(endpoint=UNROUTED, code=failure.code).inc()
     response = error_response(failure, request_id)
     response.headers.update(exc.headers or {})
     return response
@@ -154,6 +157,9 @@ async def http_error(request: Request, exc: Exception) -> Response:
 
 async def unexpected_error(request: Request, exc: Exception) -> Response:
     """A bug, not bad input: log it whole, tell the client as little as possible."""
-    request_id = uuid.uuid4().hex
+    request_id = request_id_of(request.scope)
     logger.error("unhandled error", exc_info=exc, extra={"requestId": request_id})
+    fields = {"requestId": request_id, "endpoint": UNROUTED, "status": 500, "code": "bug"}
+    log_request({**fields, "method": request.method, "path": request.url.path})
+    metrics.REQUESTS.labels(endpoint=UNROUTED, code="bug").inc()
     return error_response(errors.InternalError("Something went wrong on our side"), request_id)

@@ -241,6 +241,14 @@ def _upload_resource() -> dict[str, Any]:
     }
 
 
+_TIMINGS = {
+    "receive": "the body's last byte arrived",
+    "transcode": "ffmpeg ended: the window is decoded",
+    "transcribe": "the last segment was transcribed (0 for an MP3 answer)",
+    "total": "the answer was ready",
+}
+
+
 def build_openapi() -> dict[str, Any]:
     success_ref = {"$ref": "#/components/schemas/Transcription"}
     return {
@@ -287,16 +295,25 @@ def build_openapi() -> dict[str, Any]:
                         "language": {"type": ["string", "null"]},
                         "duration": {"type": "number"},
                         "fromTime": {"type": "number"},
-                        "toTime": {"type": "number"},
                         "fileSize": {"type": "integer"},
                         "inputSize": {"type": "integer"},
                         "format": {"type": ["string", "null"]},
                         "mode": {"enum": ["stream", "speculative", "seekable", None]},
                         "truncated": {"type": "boolean"},
                         "declaredSeconds": {"type": ["number", "null"]},
+                        "toTime": {
+                            "type": "number",
+                            "description": "The window's actual end: the asked toTime, or "
+                            "where the recording ends before it",
+                        },
                         "timings": {
                             "type": "object",
-                            "additionalProperties": {"type": "number"},
+                            "description": "Seconds since the job was admitted when each "
+                            "stage ended (the wait after the last byte: total - receive)",
+                            "properties": {
+                                stage: {"type": "number", "description": text}
+                                for stage, text in _TIMINGS.items()
+                            },
                         },
                         "summary": {"type": "string"},
                         "summaryError": {"type": "string"},

@@ -5,7 +5,7 @@ Leaves say what they mean (an error's retry delay, its challenge); the headers a
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import IO, Any
 
 import anyio
@@ -18,6 +18,7 @@ from vrai_stream.pipeline.job import JobResult
 from vrai_stream.speech.formats import ResponseFormat, format_transcript
 from vrai_stream.speech.transcribers.base import Transcript
 from vrai_stream.spool import Spool
+from vrai_stream.uploads.recorded import RecordedAnswer
 
 SPOOL_PIECE_BYTES = 256 * 1024
 
@@ -36,7 +37,7 @@ def success_body(result: JobResult) -> dict[str, Any]:
         ],
         "duration": result.duration,
         "fromTime": spec.window.start,
-        "toTime": spec.window.end,
+        "toTime": result.window_end,
         "fileSize": result.mp3_size,
         "inputSize": result.input_size,
         "format": result.layout.container if result.layout else None,
@@ -128,3 +129,23 @@ def transcript_response(
         return JSONResponse(content)
     media_type = "text/vtt" if response_format == "vtt" else "text/plain"
     return PlainTextResponse(content, media_type=media_type)
+
+
+class RecordedResponse(Response):
+    """A recorded answer sent again (`uploads.recorded`): as it was, or, while it is still
+    being sent to its first client, as it goes."""
+
+    def __init__(self, recording: RecordedAnswer, extra_headers: Mapping[str, str]) -> None:
+        assert recording.status is not None, "a recording is replayed once it has started"
+        self.status_code = recording.status
+        self.background = None
+        self._recording = recording
+        pairs = [*recording.headers, *extra_headers.items()]
+        self.raw_headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in pairs]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        start = {"type": "http.response.start", "status": self.status_code}
+        await send({**start, "headers": self.raw_headers})
+        async for chunk in self._recording.follow():
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -1,17 +1,24 @@
-"""The audio endpoints: each reads its own request shape and shares `Job` for the rest."""
+"""The audio endpoints: each reads its own request shape, picks its renderer, and shares the
+rest (`answer.endpoint`, `renderers.answer_job`)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from starlette.responses import JSONResponse
-
 from vrai_stream import errors
-from vrai_stream.bodies.forms import BodyDecoder, Upload
+from vrai_stream.bodies.forms import BodyDecoder, Submission
 from vrai_stream.bodies.legacy_json import BLOB_FIELD, LegacyJsonDecoder
 from vrai_stream.bodies.multipart import LEGACY_FILE_FIELD, OPENAI_FILE_FIELD, MultipartDecoder
-from vrai_stream.http.endpoint import Answer, Job, endpoint
-from vrai_stream.http.events import SegmentEvents, ServerSentEvent, TextDeltas
+from vrai_stream.http.answer import Reply, endpoint
+from vrai_stream.http.context import RequestContext
+from vrai_stream.http.renderers import (
+    ContractAnswer,
+    Mp3Answer,
+    OpenAIAnswer,
+    OpenAIDeltas,
+    Renderer,
+    answer_job,
+)
 from vrai_stream.http.request_shape import (
     RAW_ENDPOINT,
     check_no_body_fields_in_query,
@@ -19,54 +26,48 @@ from vrai_stream.http.request_shape import (
     check_raw_content_type,
     refuse_forms_and_json,
 )
-from vrai_stream.http.responses import mp3_response, success_body, transcript_response
 from vrai_stream.media.window import parse_window
-from vrai_stream.pipeline.job import JobResult, JobSpec
 from vrai_stream.speech.formats import RESPONSE_FORMATS, ResponseFormat
 from vrai_stream.speech.languages import WHISPER_LANGUAGES, language_code
 from vrai_stream.speech.summarize import SummarizationType
-from vrai_stream.speech.transcribers.base import TranscribeOptions, Transcript
+from vrai_stream.speech.transcribers.base import TranscribeOptions
 
 RAW_QUERY = ("fromTime", "toTime", "summarizationType", "language", "prompt", "keywords")
 
 
 @endpoint("transcriptions")
-async def transcriptions(job: Job) -> Answer:
+async def transcriptions(context: RequestContext) -> Reply:
     """`POST /v1/transcriptions`: raw audio in the body, the window in the query."""
-    request = job.request
-    await job.authenticate()
-    settings = job.services.settings
+    request = context.request
+    await context.authenticate()
+    settings = context.services.settings
     query = request.query_params
     # A parameter this endpoint does not read would be silently ignored: say so instead.
     check_query(query.keys(), RAW_QUERY, endpoint=f"POST {RAW_ENDPOINT}")
     check_raw_content_type(request.headers.get("content-type"))
     window = parse_window(query, max_window_seconds=settings.max_window_seconds)
-    want_mp3 = "audio/mpeg" in request.headers.get("accept", "")
+    accept = request.headers.get("accept", "")
+    want_mp3 = "audio/mpeg" in accept
     summary = SummarizationType.parse(query.get("summarizationType"))
     if not want_mp3:
-        job.services.summarizer.check(summary)
-    job.check_body_length()
+        context.services.summarizer.check(summary)
+    context.check_body_length()
     options = _options(
         languages=query.getlist("language"),
         prompt=query.get("prompt"),
         # `keywords=a,b` or `keywords=a&keywords=b`
         keywords=(word for words in query.getlist("keywords") for word in words.split(",")),
     )
-    spec = JobSpec(
-        request_id=job.request_id,
-        window=window,
-        user_id=job.user_id,
-        want_mp3=want_mp3,
-        options=options,
+    spec = context.job_spec(window=window, want_mp3=want_mp3, options=options)
+    await context.check(spec)  # before the queue: a refusal never waits for a slot
+    renderer: Renderer = (
+        Mp3Answer()
+        if want_mp3
+        else ContractAnswer(lambda: summary, events="text/event-stream" in accept)
     )
-    await job.check(spec)
-    async with job.admitted():
-        if job.events is not None and not want_mp3:
-            job.open_events(SegmentEvents)  # `Accept: text/event-stream`: events from here on
-        result = await job.run(spec, refuse_forms_and_json(job.body()))
-    if result.mp3 is not None:
-        return mp3_response(result)
-    return await _transcript_response(job, result, summary)
+    async with context.admitted():
+        audio = refuse_forms_and_json(context.body())
+        return await answer_job(context, spec, audio, renderer)
 
 
 LEGACY_TIMES = ("fromTime", "toTime")
@@ -76,66 +77,72 @@ LEGACY_FIELDS = (*LEGACY_TIMES, "summarizationType")
 
 
 @endpoint("legacy-json")
-async def trim_and_transcribe(job: Job) -> Answer:
+async def trim_and_transcribe(context: RequestContext) -> Reply:
     """`POST /trim-and-transcribe`: the old app's JSON, the recording base64 in `fileBlob`."""
-    return await _legacy(job, LegacyJsonDecoder, (BLOB_FIELD, *LEGACY_FIELDS), "JSON body")
+    fields = (BLOB_FIELD, *LEGACY_FIELDS)
+    return await _legacy(context, LegacyJsonDecoder, fields, "JSON body")
 
 
 @endpoint("legacy-multipart")
-async def trim_and_transcribe_multipart(job: Job) -> Answer:
+async def trim_and_transcribe_multipart(context: RequestContext) -> Reply:
     """`POST /trim-and-transcribe-multipart`: the old app's form, the recording in `audio`."""
 
     def decoder() -> BodyDecoder:
         return MultipartDecoder(
-            job.request.headers.get("content-type"),
+            context.request.headers.get("content-type"),
             file_field=LEGACY_FILE_FIELD,
             fields=LEGACY_FIELDS,
         )
 
-    return await _legacy(job, decoder, (LEGACY_FILE_FIELD, *LEGACY_FIELDS), "form")
+    return await _legacy(context, decoder, (LEGACY_FILE_FIELD, *LEGACY_FIELDS), "form")
 
 
 async def _legacy(
-    job: Job,
+    context: RequestContext,
     make_decoder: Callable[[], BodyDecoder],
     body_fields: tuple[str, ...],
     body: str,
-) -> Answer:
-    request = job.request
-    await job.authenticate()
+) -> Reply:
+    request = context.request
+    await context.authenticate()
     check_no_body_fields_in_query(
         request.query_params.keys(),
         body_fields,
         endpoint=f"POST {request.url.path}",
         body=body,
     )
-    job.check_body_length(encoded=True)
+    context.check_body_length(encoded=True)
     decoder = make_decoder()  # a malformed Content-Type is a 400 before the body is read
-    async with job.admitted(), await job.read_upload(decoder, LEGACY_TIMES) as upload:
+    events = "text/event-stream" in request.headers.get("accept", "")
+    async with (
+        context.admitted(),
+        await context.read_submission(decoder, LEGACY_TIMES) as submission,
+    ):
         # As the old service checked it: 0 <= fromTime < toTime <= 300.
         window = parse_window(
-            _text_fields(upload),
+            _text_fields(submission),
             max_window_seconds=LEGACY_MAX_SECONDS,
             max_end=LEGACY_MAX_SECONDS,
         )
         # Refuse an unknown or unavailable summary before transcribing, when it came first.
-        summary = _requested_summary(job, upload)
-        spec = JobSpec(request_id=job.request_id, window=window, user_id=job.user_id)
-        if job.events is not None:
-            job.open_events(SegmentEvents)
-        result = await job.run(spec, upload.audio)
-        if summary is None:  # sent after the recording, or not at all: known only now
-            summary = _requested_summary(job, upload) or SummarizationType.NONE
-    return await _transcript_response(job, result, summary)
+        _requested_summary(context, submission)
+
+        def summary() -> SummarizationType:
+            # Sent after the recording, or not at all: known only once the job is over.
+            return _requested_summary(context, submission) or SummarizationType.NONE
+
+        spec = context.job_spec(window=window)
+        renderer = ContractAnswer(summary, events=events)
+        return await answer_job(context, spec, submission.audio, renderer)
 
 
-def _requested_summary(job: Job, upload: Upload) -> SummarizationType | None:
+def _requested_summary(context: RequestContext, submission: Submission) -> SummarizationType | None:
     """The form's `summarizationType`, checked; None while the field has not arrived."""
-    raw = upload.fields.get("summarizationType")
+    raw = submission.fields.get("summarizationType")
     if raw is None:
         return None
     summary = SummarizationType.parse(raw)
-    job.services.summarizer.check(summary)
+    context.services.summarizer.check(summary)
     return summary
 
 
@@ -153,75 +160,52 @@ OPENAI_FIELDS = (
 )
 
 
-@endpoint("openai", error_style="openai", events_in_form=True)
-async def openai_transcriptions(job: Job) -> Answer:
+@endpoint("openai", error_style="openai")
+async def openai_transcriptions(context: RequestContext) -> Reply:
     """`POST /v1/audio/transcriptions`: OpenAI's API, so any OpenAI SDK can point here."""
-    request = job.request
-    await job.authenticate()
-    settings = job.services.settings
+    request = context.request
+    await context.authenticate()
+    settings = context.services.settings
     check_no_body_fields_in_query(
         request.query_params.keys(),
         (OPENAI_FILE_FIELD, *OPENAI_FIELDS),
         endpoint=f"POST {request.url.path}",
         body="form",
     )
-    job.check_body_length(encoded=True)
+    context.check_body_length(encoded=True)
     decoder = MultipartDecoder(
         request.headers.get("content-type"), file_field=OPENAI_FILE_FIELD, fields=OPENAI_FIELDS
     )
     # OpenAI SDKs send the form fields before the file, so the audio streams; a client
     # that sends the file first has it spooled until `model` (always sent) arrives.
-    async with job.admitted(), await job.read_upload(decoder, ("model",)) as upload:
-        fields = _text_fields(upload)
+    async with (
+        context.admitted(),
+        await context.read_submission(decoder, ("model",)) as submission,
+    ):
+        fields = _text_fields(submission)
         response_format = _response_format(fields.get("response_format"))
         stream = _stream(fields.get("stream"), response_format)
         window = parse_window(fields, max_window_seconds=settings.max_window_seconds)
-        spec = JobSpec(
-            request_id=job.request_id,
+        spec = context.job_spec(
             window=window,
-            user_id=job.user_id,
             options=_options(
-                languages=[*upload.fields.every("language"), *_every(upload, "languages")],
+                languages=[*submission.fields.every("language"), *_every(submission, "languages")],
                 prompt=fields.get("prompt"),
-                keywords=_every(upload, "keywords"),
+                keywords=_every(submission, "keywords"),
                 temperature=_temperature(fields.get("temperature")),
             ),
         )
-        await job.check(spec)
-        deltas = job.open_events(TextDeltas) if stream else None
-        result = await job.run(spec, upload.audio)
-    transcript = result.transcript or Transcript(text="")
-    if deltas is not None:
-        return deltas.done(transcript.text)
-    response = transcript_response(transcript, response_format, result.duration)
-    response.headers["X-Request-Id"] = job.request_id
-    if result.truncated:
-        response.headers["X-Truncated"] = "true"  # OpenAI's bodies have no field for it
-    return response
+        renderer: Renderer = OpenAIDeltas() if stream else OpenAIAnswer(response_format)
+        return await answer_job(context, spec, submission.audio, renderer)
 
 
-async def _transcript_response(job: Job, result: JobResult, summary: SummarizationType) -> Answer:
-    """The contract's success body, with `summary` or `summaryError` when one was asked for.
-
-    As events: the `summary` event (when asked for), then `done` with the same body.
-    """
-    text = result.transcript.text if result.transcript else ""
-    extra = await job.summarize(summary, text)
-    body = {**success_body(result), **extra}
-    if job.events is not None and job.events.opened:
-        if extra:
-            job.events.send(ServerSentEvent("summary", extra))
-        return ServerSentEvent("done", body)
-    return JSONResponse(body, headers={"X-Request-Id": job.request_id})
-
-
-def _text_fields(upload: Upload) -> dict[str, str]:
+def _text_fields(submission: Submission) -> dict[str, str]:
     """The form's fields that have a value, as text (JSON nulls dropped)."""
-    return {name: value for name, value in upload.fields.items() if value is not None}
+    return {name: value for name, value in submission.fields.items() if value is not None}
 
 
-def _every(upload: Upload, array: str) -> list[str]:
-    return [*upload.fields.every(array), *upload.fields.every(f"{array}[]")]
+def _every(submission: Submission, array: str) -> list[str]:
+    return [*submission.fields.every(array), *submission.fields.every(f"{array}[]")]
 
 
 def _options(

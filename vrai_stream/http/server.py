@@ -30,10 +30,11 @@ import uvicorn
 from starlette.applications import Starlette
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
-from vrai_stream import errors
+from vrai_stream import errors, metrics
+from vrai_stream.http.context import REQUEST_ID_EXTENSION
+from vrai_stream.http.upload_draft import INTERIM_EXTENSION
 from vrai_stream.settings import Settings
 from vrai_stream.telemetry import log_request
-from vrai_stream.uploads.protocol import INTERIM_EXTENSION
 
 logger = logging.getLogger("vrai_stream.http.server")
 
@@ -149,9 +150,13 @@ class StagedCloseProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         cycle = self.cycle
         if cycle is not None and cycle.scope is self.scope:
+            extensions = self.scope.setdefault("extensions", {})
             # ASGI has no interim responses; the resumable-upload draft needs its 104.
             send = functools.partial(self._send_interim, cycle)
-            self.scope.setdefault("extensions", {})[INTERIM_EXTENSION] = {"send": send}
+            extensions[INTERIM_EXTENSION] = {"send": send}
+            # The request's id, named here: should the parser refuse the rest of its body,
+            # the refusal carries the id the app logs it under (`_refuse`).
+            extensions[REQUEST_ID_EXTENSION] = {"id": uuid.uuid4().hex, "refused": None}
 
     def _send_interim(
         self, cycle: RequestResponseCycle, status: int, reason: str, headers: list[tuple[str, str]]
@@ -172,17 +177,35 @@ class StagedCloseProtocol(HttpToolsProtocol):
         self._refuse(self._refusal or errors.InvalidHttp("The request is not well-formed HTTP/1.1"))
 
     def _refuse(self, error: errors.ServiceError) -> None:
-        """Answer a request the parser rejected, and close: no app, no request cycle."""
-        request_id = uuid.uuid4().hex
-        log_request({"requestId": request_id, "status": error.status, "code": error.code})
+        """Answer a request the parser rejected, and close.
+
+        A request the app is handling (a chunk size that is not hex, halfway through its
+        body) is logged and counted by the app, once, under the same id: the app sees a
+        disconnect and learns why here.  Any other (a head too large or malformed) is
+        logged and counted here.
+        """
+        self._in_head = False
+        cycle = self.cycle
+        named = cycle.scope.get("extensions", {}).get(REQUEST_ID_EXTENSION) if cycle else None
+        if cycle is not None and not cycle.response_complete and named is not None:
+            named["refused"] = error
+            request_id = str(named["id"])
+            if cycle.response_started:
+                self._close_now()  # its answer is under way: a second one would corrupt it
+                return
+        else:
+            request_id = uuid.uuid4().hex
+            fields = {"requestId": request_id, "endpoint": metrics.UNROUTED}
+            log_request({**fields, "status": error.status, "code": error.code})
+            metrics.REQUESTS.labels(endpoint=metrics.UNROUTED, code=error.code).inc()
         body = json.dumps(error.body(request_id)).encode()
         head = (
             f"HTTP/1.1 {error.status} {HTTPStatus(error.status).phrase}\r\n"
             "content-type: application/json\r\n"
             f"content-length: {len(body)}\r\n"
+            f"x-request-id: {request_id}\r\n"
             "connection: close\r\n\r\n"
         )
-        self._in_head = False
         self._real_transport.write(head.encode() + body)
         if self._real_transport.can_write_eof():
             self._linger()  # the client may still be sending its head: let it read the answer

@@ -2,7 +2,10 @@
 
 `HEAD` tells how far the upload has come, `PATCH` sends the rest from there, `DELETE` gives
 it up.  The request that completes the upload gets the answer the first request would have
-had.  On Fly.io a request that reaches another machine is sent to the one holding the upload
+had, relayed as it is written (`UploadSession.answer`).  Once complete, an upload still
+answers `HEAD` with where it stood (`Upload-Complete: ?1`) and a `PATCH` with `409`.
+
+On Fly.io a request that reaches another machine is sent to the one holding the upload
 with `fly-replay`, before its body is read (Fly replays at most 1 MB of body), and the
 replay is cached for the upload's path, so the `PATCH` after a `HEAD` goes straight there.
 """
@@ -15,10 +18,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from vrai_stream import errors
-from vrai_stream.http.endpoint import Answer, Job, endpoint, request_body
+from vrai_stream.http.answer import Reply, endpoint
+from vrai_stream.http.context import RequestContext, request_body
+from vrai_stream.http.responses import RecordedResponse
+from vrai_stream.http.upload_draft import PARTIAL_UPLOAD, VERSIONS, Draft, draft_of
 from vrai_stream.services import Services
-from vrai_stream.uploads.protocol import PARTIAL_UPLOAD, VERSIONS, Draft, draft_of
-from vrai_stream.uploads.registry import MACHINE_ID
+from vrai_stream.uploads.registry import MACHINE_ID, Finished
 from vrai_stream.uploads.session import State, UploadSession
 
 REPLAY_TIMEOUT = "5s"
@@ -26,33 +31,36 @@ REPLAY_TIMEOUT = "5s"
 
 
 @endpoint("uploads", idempotent=False)
-async def upload_resource(job: Job) -> Answer:
-    request = job.request
-    services = job.services
+async def upload_resource(context: RequestContext) -> Reply:
+    request = context.request
+    services = context.services
     machine = request.path_params["machine"]
     if machine != services.uploads.machine:
         return _elsewhere(request, machine, services)
-    await job.authenticate()
+    await context.authenticate()
     draft = draft_of(request.headers) or Draft(VERSIONS[-1])
-    upload = services.uploads.find(request.path_params["upload_id"], job.user_id)
+    upload = services.uploads.find(request.path_params["upload_id"], context.user_id)
     if request.method == "HEAD":
         # A client asks where to resume once it has given up its connection: if the server
         # still reads that one, it stops, so the offset it answers holds for the PATCH.
-        if upload.state is State.RECEIVING:
+        if isinstance(upload, UploadSession) and upload.state is State.RECEIVING:
             await upload.take_over()
         fields = _state(draft, upload)
         return Response(status_code=204, headers={**fields, "Cache-Control": "no-store"})
     if request.method == "DELETE":
-        upload.end("cancelled")
+        if isinstance(upload, UploadSession):
+            upload.end("cancelled")
         return Response(
             status_code=204, headers={"Upload-Draft-Interop-Version": str(draft.version)}
         )
-    return await _append(job, upload, draft)
+    return await _append(context, upload, draft)
 
 
-async def _append(job: Job, upload: UploadSession, draft: Draft) -> Response:
+async def _append(
+    context: RequestContext, upload: UploadSession | Finished, draft: Draft
+) -> Response:
     """`PATCH`: the rest of the body, from exactly where the upload stands."""
-    headers = job.request.headers
+    headers = context.request.headers
     offset = draft.offset(headers)
     if offset is None:
         raise errors.InvalidParameters("A PATCH to an upload needs Upload-Offset")
@@ -60,31 +68,39 @@ async def _append(job: Job, upload: UploadSession, draft: Draft) -> Response:
     if draft.version >= 6 and media_type != PARTIAL_UPLOAD:
         raise errors.InvalidParameters(f"A PATCH to an upload is typed {PARTIAL_UPLOAD}")
     complete = draft.complete(headers)
-    if upload.state is not State.COMPLETE:
+    if isinstance(upload, UploadSession) and upload.state is not State.COMPLETE:
         await upload.take_over()  # the old connection may still seem alive: it is not
-    if upload.state is State.ENDED:
-        raise errors.UploadExpired("This upload ended and cannot be resumed; send it again")
-    if upload.state is State.COMPLETE or offset != upload.offset:
+        if upload.state is State.ENDED:
+            raise errors.UploadExpired("This upload ended and cannot be resumed; send it again")
+    if _is_complete(upload) or offset != upload.offset:
         raise errors.UploadOffsetMismatch(
             f"The upload stands at byte {upload.offset}"
-            + (" and is complete" if upload.state is State.COMPLETE else "; resume from there"),
+            + (" and is complete" if _is_complete(upload) else "; resume from there"),
             fields=_state(draft, upload),
         )
-    job.services.uploads.resumed(upload)
-    job.body_started = True
+    assert isinstance(upload, UploadSession)
+    context.services.uploads.resumed(upload)
+    context.body_started = True
     finished = complete is not False
-    fed = await upload.feed(request_body(job.request), complete=finished)
-    if upload.answered or (fed and finished):
-        answer = await upload.answer()
-        answer.headers.update(_state(draft, upload))
-        return answer
+    fed = await upload.feed(request_body(context.request), complete=finished)
+    if upload.over or (fed and finished):
+        await upload.answer.until_started()
+        if not upload.answer.started:
+            raise errors.UploadExpired("The upload's job ended without an answer; send it again")
+        return RecordedResponse(upload.answer, _state(draft, upload))
     if not fed:
         raise errors.ClientDisconnected("The client disconnected during the upload")
     return Response(status_code=204, headers=_state(draft, upload))
 
 
-def _state(draft: Draft, upload: UploadSession) -> dict[str, str]:
-    return draft.state(offset=upload.offset, complete=upload.state is State.COMPLETE)
+def _is_complete(upload: UploadSession | Finished) -> bool:
+    if isinstance(upload, Finished):
+        return upload.complete
+    return upload.state is State.COMPLETE
+
+
+def _state(draft: Draft, upload: UploadSession | Finished) -> dict[str, str]:
+    return draft.state(offset=upload.offset, complete=_is_complete(upload))
 
 
 def _elsewhere(request: Request, machine: str, services: Services) -> Response:

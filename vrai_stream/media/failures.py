@@ -6,7 +6,7 @@ import re
 import signal
 
 from vrai_stream import errors
-from vrai_stream.media.ffmpeg_job import TranscodeOutcome
+from vrai_stream.media.ffmpeg_process import TranscodeOutcome
 
 KILLED_FROM_OUTSIDE = (-signal.SIGKILL, -signal.SIGTERM)
 """Exit statuses of an ffmpeg killed by someone else: the OOM killer sends SIGKILL."""

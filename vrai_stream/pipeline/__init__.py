@@ -22,7 +22,7 @@ from vrai_stream.debug_store.base import CopyContext, DebugCopies, DebugStore
 from vrai_stream.media.declared import declared_seconds
 from vrai_stream.media.failures import explain_failure
 from vrai_stream.media.ffmpeg import build_command
-from vrai_stream.media.ffmpeg_job import FfmpegJob, PcmPipe, run_ffmpeg
+from vrai_stream.media.ffmpeg_process import FfmpegProcess, PcmPipe, run_ffmpeg
 from vrai_stream.media.index_last import IndexLastStream, open_stream
 from vrai_stream.media.sniff import SNIFF_LIMIT_BYTES, Layout, Mode, pipe_filter, sniff
 from vrai_stream.media.window import Window
@@ -64,11 +64,24 @@ class Pipeline:
         self,
         spec: JobSpec,
         chunks: AsyncIterator[bytes],
-        result: JobResult,
         listener: JobListener | None = None,
-    ) -> None:
-        """Fill `result` as the job goes, so a failure still reports how far it got."""
-        await self.check(spec)
+        *,
+        watch: Callable[[JobResult], None] | None = None,
+    ) -> JobResult:
+        """Run one job; its result says how far it got, and `failure` what ended it.
+
+        Only a bug or a cancellation raises; a job that failed for a reason the client is
+        told still reports what arrived and how long it took.  `watch` is handed the result
+        as the job begins, so a job cancelled from outside (its client gone) reports that too.
+        """
+        result = JobResult(spec=spec)
+        if watch is not None:
+            watch(result)
+        try:
+            await self.check(spec)
+        except errors.ServiceError as failure:
+            result.failure = failure
+            return result
         copies = self._debug.begin(
             CopyContext.now(spec.request_id, spec.user_id, spec.window.start, spec.window.end)
         )
@@ -76,16 +89,17 @@ class Pipeline:
             try:
                 await self._run(spec, chunks, result, copies, listener or SilentListener())
             except BaseExceptionGroup as group:
-                failure = errors.first_service_error(group)
-                if failure is None:
+                first = errors.first_service_error(group)
+                if first is None:
                     raise
-                raise failure from None
+                raise first from None
         except errors.ServiceError as failure:
             if failure.keeps_debug_copies:
                 failure.debug_files = await copies.settle(failure.code)
             else:
                 copies.abandon()
-            raise
+            result.failure = failure
+            return result
         except BaseException:
             copies.abandon()
             raise
@@ -95,6 +109,7 @@ class Pipeline:
             if result.mp3 is not None:
                 result.mp3.close()  # nobody will send it now
             raise
+        return result
 
     async def check(self, spec: JobSpec) -> None:
         """Refuse what the job cannot do, before a byte of its body is read: a language the
@@ -114,7 +129,8 @@ class Pipeline:
         copies: DebugCopies,
         listener: JobListener,
     ) -> None:
-        started = anyio.current_time()
+        started = spec.admitted_at if spec.admitted_at is not None else anyio.current_time()
+        result.timings.origin = started
         meter = BodyMeter()
         output = self.new_spool()
         try:
@@ -133,7 +149,6 @@ class Pipeline:
             finished = anyio.current_time()
             result.timings.receive = (meter.last_byte_at or finished) - started
             result.timings.total = finished - started
-            result.timings.after_last_byte = finished - (meter.last_byte_at or finished)
 
     async def _stream(
         self,
@@ -330,7 +345,7 @@ class Pipeline:
         *,
         feeds_stdin: bool = True,
         pcm: PcmPipe | None = None,
-    ) -> AbstractAsyncContextManager[FfmpegJob]:
+    ) -> AbstractAsyncContextManager[FfmpegProcess]:
         """ffmpeg, its MP3 drained into `output` and, as it is written, into its debug copy."""
         copies.start_output()
         return run_ffmpeg(
@@ -343,7 +358,7 @@ class Pipeline:
         )
 
     async def _finish(
-        self, job: _Job, ffmpeg: FfmpegJob, segments: LiveSegments | None
+        self, job: _Job, ffmpeg: FfmpegProcess, segments: LiveSegments | None
     ) -> errors.ServiceError | None:
         """Wait for ffmpeg, then for the transcript (or keep the MP3); return what went wrong."""
         try:
@@ -353,11 +368,11 @@ class Pipeline:
                 segments.stop()  # a job that failed transcribes nothing more
 
     async def _outcome(
-        self, job: _Job, ffmpeg: FfmpegJob, segments: LiveSegments | None
+        self, job: _Job, ffmpeg: FfmpegProcess, segments: LiveSegments | None
     ) -> errors.ServiceError | None:
         spec, output, result, copies = job.spec, job.output, job.result, job.copies
         outcome = await ffmpeg.wait()
-        result.timings.transcode = outcome.seconds
+        result.timings.transcode = result.timings.since_origin(anyio.current_time())
         metrics.FFMPEG_EXITS.labels(
             status="timeout" if outcome.timed_out else str(outcome.returncode)
         ).inc()
@@ -389,7 +404,7 @@ class Pipeline:
                 return exc
             finally:
                 result.billed_seconds = segments.billed_seconds
-                result.timings.transcribe = segments.seconds
+                result.timings.transcribe = result.timings.since_origin(segments.ended_at)
             return None
         try:
             result.transcript = await self._transcribe(spec, output, result)
@@ -412,7 +427,6 @@ class Pipeline:
     async def _transcribe(self, spec: JobSpec, output: Spool, result: JobResult) -> Transcript:
         transcriber = await self._transcriber()
         result.billed_seconds = result.duration
-        began = anyio.current_time()
         try:
             return await transcriber.transcribe(
                 Audio(
@@ -423,7 +437,7 @@ class Pipeline:
                 )
             )
         finally:
-            result.timings.transcribe = anyio.current_time() - began
+            result.timings.transcribe = result.timings.since_origin(anyio.current_time())
 
 
 async def _read_head(body: AsyncIterator[bytes]) -> tuple[list[bytes], Layout]:
@@ -510,7 +524,7 @@ class _DecodeAgain:
     reason: str
 
 
-def _filtered(layout: Layout, ffmpeg: FfmpegJob) -> Callable[[bytes], Awaitable[None]]:
+def _filtered(layout: Layout, ffmpeg: FfmpegProcess) -> Callable[[bytes], Awaitable[None]]:
     """ffmpeg's feed, through the layout's pipe filter (CAF: chunks the pipe demuxer chokes on
     are left out); the debug copy still gets every byte."""
     keep = pipe_filter(layout)

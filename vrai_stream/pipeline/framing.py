@@ -11,7 +11,7 @@ from __future__ import annotations
 import anyio
 import anyio.to_thread
 
-from vrai_stream.media.ffmpeg_job import FfmpegJob
+from vrai_stream.media.ffmpeg_process import FfmpegProcess
 from vrai_stream.media.index_last import IndexLastStream
 from vrai_stream.spool import FileSpool
 
@@ -56,7 +56,7 @@ class Arrivals:
 
 
 async def frame_spool(
-    stream: IndexLastStream, source: FileSpool, arrivals: Arrivals, ffmpeg: FfmpegJob
+    stream: IndexLastStream, source: FileSpool, arrivals: Arrivals, ffmpeg: FfmpegProcess
 ) -> None:
     """Frame `source` from its start as it is written, into ffmpeg, to the body's end."""
     with source.path.open("rb") as reader:

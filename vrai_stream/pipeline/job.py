@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from vrai_stream.errors import ServiceError
 from vrai_stream.media.index_last import Certainty, IndexLastStream
 from vrai_stream.media.sniff import Layout, Mode
 from vrai_stream.media.window import Window
@@ -98,6 +99,9 @@ class Provisional:
         self._listener.withdraw(reason)
 
 
+ENDS_EARLY_SECONDS = 0.1
+
+
 @dataclass(frozen=True)
 class JobSpec:
     request_id: str
@@ -107,17 +111,35 @@ class JobSpec:
     options: TranscribeOptions = field(default_factory=TranscribeOptions)
     idle_timeout_seconds: float | None = None
     """Longest silence in the body; None: the setting.  A resumable upload times its own."""
+    admitted_at: float | None = None
+    """When the request was given its job slot (anyio's clock): `timings` count from it.
+    None: from the moment the job starts."""
 
 
 @dataclass
 class Timings:
-    """Seconds, from the moment the job was admitted."""
+    """When each stage ended, in seconds since the job was admitted: one clock, so the
+    stages read as a timeline (`receive` 23.9, `transcode` 24.1: ffmpeg ended 0.2 s after
+    the last byte)."""
 
     receive: float = 0.0
+    """The body's last byte arrived."""
     transcode: float = 0.0
+    """ffmpeg exited: the window is decoded."""
     transcribe: float = 0.0
+    """The last segment was transcribed (0 for an MP3 answer)."""
     total: float = 0.0
-    after_last_byte: float = 0.0
+    """The job was over."""
+    origin: float = 0.0
+    """The admission, on anyio's clock."""
+
+    def since_origin(self, moment: float) -> float:
+        return moment - self.origin
+
+    @property
+    def after_last_byte(self) -> float:
+        """What the client waited after its last byte."""
+        return self.total - self.receive
 
     def as_dict(self) -> dict[str, float]:
         return {
@@ -125,7 +147,6 @@ class Timings:
             "transcode": round(self.transcode, 3),
             "transcribe": round(self.transcribe, 3),
             "total": round(self.total, 3),
-            "afterLastByte": round(self.after_last_byte, 3),
         }
 
 
@@ -151,6 +172,19 @@ class JobResult:
     billed_seconds: float = 0.0
     """Audio sent to the transcriber: the window, less segments in which nobody speaks."""
     timings: Timings = field(default_factory=Timings)
+    failure: ServiceError | None = None
+    """What ended the job, when it failed; the other fields say how far it got."""
+
+    @property
+    def window_end(self) -> float:
+        """The window's actual end: the asked end, or where the audio stopped before it (the
+        recording is shorter, or no end was asked).  Within `ENDS_EARLY_SECONDS` of the asked
+        end the audio is taken to reach it: an MP3's length moves by a frame or so."""
+        window = self.spec.window
+        audio_end = window.start + self.duration
+        if audio_end > window.end - ENDS_EARLY_SECONDS:
+            return window.end
+        return round(audio_end, 3)
 
     def log_fields(self) -> dict[str, Any]:
         return {
@@ -168,4 +202,5 @@ class JobResult:
             "billedSeconds": round(self.billed_seconds, 3),
             "outputSpooledToDisk": self.output_on_disk,
             "timings": self.timings.as_dict(),
+            "afterLastByte": round(self.timings.after_last_byte, 3),
         }

@@ -11,7 +11,7 @@ import anyio
 
 from vrai_stream import errors
 from vrai_stream.bodies.limits import BodyMeter
-from vrai_stream.media.ffmpeg_job import PcmPipe
+from vrai_stream.media.ffmpeg_process import PcmPipe
 from vrai_stream.pipeline.job import JobListener, JobSpec
 from vrai_stream.speech.segmented import SegmentedTranscription
 from vrai_stream.speech.segmenter import Cut, Segmenter
@@ -44,7 +44,6 @@ class LiveSegments:
         self._done = anyio.Event()
         self._transcript: Transcript | None = None
         self._failure: errors.ServiceError | None = None
-        self._began: float | None = None
         self._ended_at: float | None = None
         self.billed_seconds = 0.0
 
@@ -73,7 +72,6 @@ class LiveSegments:
         concurrency: int,
         limiter: anyio.CapacityLimiter | None,
     ) -> None:
-        self._began = anyio.current_time()
         try:
             with self._scope:
                 work = SegmentedTranscription(
@@ -104,11 +102,9 @@ class LiveSegments:
             self._done.set()
 
     @property
-    def seconds(self) -> float:
-        """From the first segment's start to the last one's end (or to now, if still going)."""
-        if self._began is None:
-            return 0.0
-        return (self._ended_at or anyio.current_time()) - self._began
+    def ended_at(self) -> float:
+        """When the last segment was transcribed (now, if some are still going)."""
+        return self._ended_at or anyio.current_time()
 
     async def outcome(self, deadline: float | None) -> Transcript:
         """The stitched transcript, or the failure.

@@ -109,12 +109,11 @@ class SegmentedTranscription:
 
     def _heard_one(self, cut: Cut, transcript: Transcript) -> None:
         """Keep a result (not its audio: memory stays flat in the window's length); announce
-        every segment now known in order, none twice."""
+        every segment now known in order, none twice: the very segments of the answer."""
         self._heard[cut.index] = (dataclasses.replace(cut, pcm=b""), transcript)
         while self._next_to_announce in self._heard:
             done, text = self._heard[self._next_to_announce]
-            if text.text:
-                segment = Segment(done.speech_start, done.speech_end, text.text)
+            for segment in _placed(done, text):
                 self._on_segment(self._announced, segment)
                 self._announced += 1
             self._next_to_announce += done.count
@@ -129,22 +128,26 @@ class SegmentedTranscription:
                 continue
             texts.append(transcript.text)
             language = language or transcript.language
-            if transcript.segments:
-                segments.extend(
-                    Segment(
-                        start=round(cut.start + min(part.start, cut.seconds), 3),
-                        end=round(cut.start + min(part.end, cut.seconds), 3),
-                        text=part.text,
-                    )
-                    for part in transcript.segments
-                    if part.text
-                )
-            else:
-                # No times from the model (gpt-transcribe): where the voice is in our cut.
-                segments.append(
-                    Segment(round(cut.speech_start, 3), round(cut.speech_end, 3), transcript.text)
-                )
+            segments.extend(_placed(cut, transcript))
         return Transcript(text=" ".join(texts), language=language, segments=tuple(segments))
+
+
+def _placed(cut: Cut, transcript: Transcript) -> list[Segment]:
+    """A call's segments in the window's time: the model's own times within our cut, or,
+    where the model gives none (gpt-transcribe), where the voice is in the cut."""
+    if not transcript.text:
+        return []
+    if not transcript.segments:
+        return [Segment(round(cut.speech_start, 3), round(cut.speech_end, 3), transcript.text)]
+    return [
+        Segment(
+            start=round(cut.start + min(part.start, cut.seconds), 3),
+            end=round(cut.start + min(part.end, cut.seconds), 3),
+            text=part.text,
+        )
+        for part in transcript.segments
+        if part.text
+    ]
 
 
 async def _next(cuts: MemoryObjectReceiveStream[Cut]) -> Cut | None:

@@ -3,9 +3,10 @@ first one's answer instead of a second transcription.
 
 Keys are per user.  A request is known by its fingerprint: method, path, query, media
 type and a hash of its body, so the same key with another recording is refused (422).
-Only a final answer is kept (not a 5xx, a timeout or a vanished client: those may go
-another way next time), and only one that can be sent again as it is (a JSON transcript,
-not a streamed MP3).
+The answer is recorded as it is sent (`RecordedAnswer`), events and MP3 alike, so a
+repeat arriving while the first request runs joins its answer as it goes.  Only a final
+answer is kept (not a 5xx, a timeout or a vanished client: those may go another way next
+time), and only one of at most `MAX_KEPT_ANSWER_BYTES`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 import anyio
 
 from vrai_stream import errors
+from vrai_stream.uploads.recorded import RecordedAnswer
 
 MAX_KEY_LENGTH = 255
 MAX_ENTRIES = 10_000
@@ -28,20 +30,26 @@ whatever clients send (a 3-hour transcript with its segments is about 200 kB).""
 TRANSIENT_STATUSES = frozenset({408, 409, 429, 499})
 
 
-@dataclass(frozen=True)
-class KeptAnswer:
-    status: int
-    headers: tuple[tuple[str, str], ...]
-    body: bytes
-
-
 @dataclass
 class Entry:
+    user_id: str
+    key: str
     expires_at: float
+    answer: RecordedAnswer = field(
+        default_factory=lambda: RecordedAnswer(max_bytes=MAX_KEPT_ANSWER_BYTES)
+    )
+    """The first request's answer, recorded as it is sent."""
     fingerprint: str | None = None
-    answer: KeptAnswer | None = None
+    hashed: anyio.Event = field(default_factory=anyio.Event)
+    """Set once the first request's body is read (`fingerprint` known), or it ended."""
     settled: anyio.Event = field(default_factory=anyio.Event)
     """Set when the first request has ended, with or without an answer to keep."""
+    kept: bool = False
+    """The first answer is final and whole: a repeat gets it."""
+
+    def hash_known(self, fingerprint: str) -> None:
+        self.fingerprint = fingerprint
+        self.hashed.set()
 
 
 class Fingerprint:
@@ -80,24 +88,27 @@ class IdempotencyKeys:
         existing = self._entries.get((user_id, key))
         if existing is not None:
             return existing, False
-        entry = Entry(expires_at=anyio.current_time() + self._ttl)
+        entry = Entry(user_id, key, expires_at=anyio.current_time() + self._ttl)
         self._entries[(user_id, key)] = entry
         while len(self._entries) > MAX_ENTRIES:
             self._drop_oldest()
         return entry, True
 
-    def settle(self, user_id: str, key: str, entry: Entry, answer: KeptAnswer | None) -> None:
-        """The first request is over: keep its answer, or free the key for another try."""
-        kept = self._entries.get((user_id, key)) is entry
-        if answer is None or answer.status >= 500 or answer.status in TRANSIENT_STATUSES:
-            if kept:
+    def settle(self, entry: Entry, outcome_status: int) -> None:
+        """The first request is over, with `outcome_status` (that of an error event, for an
+        answer that ended with one): keep its answer, or free the key for another try."""
+        user_id, key = entry.user_id, entry.key
+        held = self._entries.get((user_id, key)) is entry
+        final = outcome_status < 500 and outcome_status not in TRANSIENT_STATUSES
+        entry.kept = final and entry.fingerprint is not None and entry.answer.complete
+        if not entry.kept:
+            if held:
                 del self._entries[(user_id, key)]
-        else:
-            entry.answer = answer  # repeats waiting for it get it, kept or not
-            if kept:
-                self._kept_bytes += len(answer.body)
-                while self._kept_bytes > MAX_KEPT_TOTAL_BYTES:
-                    self._drop_oldest()
+        elif held:
+            self._kept_bytes += entry.answer.size
+            while self._kept_bytes > MAX_KEPT_TOTAL_BYTES:
+                self._drop_oldest()
+        entry.hashed.set()
         entry.settled.set()
 
     def _drop_expired(self) -> None:
@@ -110,8 +121,8 @@ class IdempotencyKeys:
 
     def _drop_oldest(self) -> None:
         _, entry = self._entries.popitem(last=False)
-        if entry.answer is not None:
-            self._kept_bytes -= len(entry.answer.body)
+        if entry.kept:
+            self._kept_bytes -= entry.answer.size
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import secrets
 from collections import OrderedDict
+from dataclasses import dataclass
 
 from vrai_stream import errors, metrics
 from vrai_stream.uploads.session import State, UploadSession
@@ -15,7 +16,19 @@ MACHINE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 ID_BYTES = 24
 """192 random bits: an id cannot be guessed, and the path carries nothing else secret."""
 REMEMBERED_ENDINGS = 4096
-"""How many finished uploads are told apart from ones that never were (410, not 404)."""
+"""How many finished uploads are remembered: a completed one still answers where it stands
+(`Upload-Complete: ?1`), one given up is `410`, not `404`."""
+
+
+@dataclass(frozen=True)
+class Finished:
+    """An upload whose job is over: what is still known of it."""
+
+    user_id: str
+    offset: int
+    complete: bool
+    """Every byte arrived (the job answered); else it was given up (`reason`)."""
+    reason: str
 
 
 class Uploads:
@@ -33,7 +46,7 @@ class Uploads:
         self._max_waiting = max_waiting
         self._idle = idle_timeout_seconds
         self._sessions: dict[str, UploadSession] = {}
-        self._ended: OrderedDict[str, str] = OrderedDict()
+        self._finished: OrderedDict[str, Finished] = OrderedDict()
 
     def create(self, *, user_id: str) -> UploadSession:
         upload_id = secrets.token_urlsafe(ID_BYTES)
@@ -48,23 +61,23 @@ class Uploads:
         self._sessions[upload_id] = session
         return session
 
-    def find(self, upload_id: str, user_id: str) -> UploadSession:
-        """The user's upload; another user's is as unknown as one that never was."""
+    def find(self, upload_id: str, user_id: str) -> UploadSession | Finished:
+        """The user's upload, or what is left of it once complete; another user's is as
+        unknown as one that never was; one given up is `410`."""
         session = self._sessions.get(upload_id)
-        if session is not None and secrets.compare_digest(session.user_id, user_id):
-            if session.state is State.ENDED:
-                raise errors.UploadExpired(
-                    f"This upload ended ({session.ended_because}) and cannot be resumed; "
-                    "send the whole recording again"
-                )
-            return session
-        if session is None and upload_id in self._ended:
-            raise errors.UploadExpired(
-                f"This upload ended ({self._ended[upload_id]}) and cannot be resumed; "
-                "send the whole recording again"
+        finished = self._finished.get(upload_id) if session is None else None
+        owner = session.user_id if session else finished.user_id if finished else None
+        if owner is None or not secrets.compare_digest(owner, user_id):
+            raise errors.UploadNotFound(
+                "No upload with this id is held here; send the whole recording again"
             )
-        raise errors.UploadNotFound(
-            "No upload with this id is held here; send the whole recording again"
+        if session is not None and session.state is not State.ENDED:
+            return session
+        if finished is not None and finished.complete:
+            return finished
+        reason = session.ended_because if session else finished.reason if finished else ""
+        raise errors.UploadExpired(
+            f"This upload ended ({reason}) and cannot be resumed; send the whole recording again"
         )
 
     def resumed(self, session: UploadSession) -> None:
@@ -86,9 +99,14 @@ class Uploads:
             return
         if session.ended_because is not None:
             metrics.UPLOADS_ENDED.labels(reason=session.ended_because).inc()
-        self._ended[session.id] = session.ended_because or "completed and answered"
-        while len(self._ended) > REMEMBERED_ENDINGS:
-            self._ended.popitem(last=False)
+        self._finished[session.id] = Finished(
+            user_id=session.user_id,
+            offset=session.offset,
+            complete=session.state is State.COMPLETE,
+            reason=session.ended_because or "its job ended before its last byte",
+        )
+        while len(self._finished) > REMEMBERED_ENDINGS:
+            self._finished.popitem(last=False)
 
     def end_all(self, because: str) -> None:
         """The machine is going away: no waiting upload could be resumed here."""

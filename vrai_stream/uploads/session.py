@@ -3,7 +3,8 @@
 The job reads `chunks()` as it would read a request's body.  A connection that drops
 leaves the job waiting, ffmpeg and all, for up to `grace` seconds; a request that resumes
 at the right offset feeds the rest, and the answer goes to whichever request ends the
-upload.  The offset counts what the job has taken, so a byte is never read twice or lost.
+upload (relayed through `answer`, a `RecordedAnswer`).  The offset counts what the job has
+taken, so a byte is never read twice or lost.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ import math
 from collections.abc import AsyncIterator, Callable
 
 import anyio
-from starlette.responses import Response
 
 from vrai_stream import errors
+from vrai_stream.uploads.recorded import RecordedAnswer
 
 
 class State(enum.Enum):
@@ -118,8 +119,9 @@ class UploadSession:
         self._feeder: anyio.CancelScope | None = None
         self._feeder_gone = anyio.Event()
         self._feeder_gone.set()
-        self._answer: Response | None = None
-        self._answered = anyio.Event()
+        self.answer = RecordedAnswer(relay=True)
+        """The job's answer, relayed to the request that resumed the upload (if one did)."""
+        self._job_over = anyio.Event()
         self._on_waiting = on_waiting
 
     # --- the job's side ---------------------------------------------------------------
@@ -231,18 +233,12 @@ class UploadSession:
 
     # --- the answer -------------------------------------------------------------------
 
-    def deliver(self, response: Response) -> None:
-        """The job is over: its answer goes to the request that resumed it, and a request
-        still sending is told the job reads no more."""
-        self._answer = response
-        self._answered.set()
+    def job_over(self) -> None:
+        """The job has answered: a request still sending is told the job reads no more."""
+        self._job_over.set()
         self._handoff.close()
-
-    async def answer(self) -> Response:
-        await self._answered.wait()
-        assert self._answer is not None
-        return self._answer
+        self.answer.finish()
 
     @property
-    def answered(self) -> bool:
-        return self._answered.is_set()
+    def over(self) -> bool:
+        return self._job_over.is_set()

@@ -79,7 +79,7 @@ async def run_ffmpeg(
     feeds_stdin: bool = True,
     pcm: PcmPipe | None = None,
     on_output: OutputSink | None = None,
-) -> AsyncIterator[FfmpegJob]:
+) -> AsyncIterator[FfmpegProcess]:
     """Start ffmpeg, drain it in the background, and make sure it is gone on the way out."""
     try:
         process = await spawn(
@@ -97,7 +97,7 @@ async def run_ffmpeg(
     finally:
         if pcm is not None:
             pcm.close_write_end()  # the child has its own copy: EOF comes when it exits
-    job = FfmpegJob(
+    job = FfmpegProcess(
         process, output, timeout_after_input=timeout_after_input, pcm=pcm, on_output=on_output
     )
     try:
@@ -117,7 +117,7 @@ async def run_ffmpeg(
             await job.stop()
 
 
-class FfmpegJob:
+class FfmpegProcess:
     """One running ffmpeg, fed chunk by chunk, its stdout drained into `output`."""
 
     def __init__(
