@@ -147,7 +147,7 @@ def counted(server: Server, way: Way, code: str) -> float:
 
 def log_lines(server: Server, request_id: str) -> list[dict[str, Any]]:
     server.request_log(request_id)  # waits for it to land
-    return [entry for entry in server.request_logs() if entry["requestId"] == request_id]
+    return [entry for entry in server.all_request_logs() if entry["requestId"] == request_id]
 
 
 @pytest.mark.parametrize("way", WAYS, ids=lambda way: way.name)
@@ -290,3 +290,21 @@ def _raw_exchange(server: Server, request: bytes) -> str:
                 break
             answer += piece
     return answer.split(b"\r\n\r\n", 1)[0].decode("latin-1")
+
+
+@pytest.mark.parametrize(
+    ("path", "endpoint"),
+    [("/health", "health"), ("/metrics", "metrics"), ("/openapi.json", "openapi"), ("/", "page")],
+)
+async def test_the_other_endpoints_answer_as_every_answer_does(
+    service: Server, path: str, endpoint: str
+) -> None:
+    metric = f'vrai_requests_total{{code="ok",endpoint="{endpoint}"}}'
+    before = service.metric(metric)
+    async with httpx.AsyncClient(base_url=service.url, timeout=10) as client:
+        answer = await client.get(path)
+    assert answer.status_code == 200
+    [line] = log_lines(service, answer.headers["x-request-id"])
+    assert (line["endpoint"], line["status"], line["path"]) == (endpoint, 200, path)
+    # Reading /metrics counts once more, after the sample: allow for this read itself.
+    assert service.metric(metric) == before + 1 + (endpoint == "metrics")

@@ -24,6 +24,10 @@ def free_port() -> int:
         return port
 
 
+PROBES = frozenset({"health", "metrics", "openapi", "page"})
+"""Endpoints that read no body, polled by helpers: logged like any other."""
+
+
 @dataclass
 class Server:
     """A `vrai-stream serve` process of its own, with its own temp folder and log."""
@@ -76,14 +80,20 @@ class Server:
         ]
         return values[0] if values else 0.0
 
-    def request_logs(self) -> list[dict[str, Any]]:
+    def all_request_logs(self) -> list[dict[str, Any]]:
+        """Every request's log line, the probes' (`/health`, `/metrics`...) included."""
         return [entry["request"] for entry in self.logs() if "request" in entry]
+
+    def request_logs(self) -> list[dict[str, Any]]:
+        """The log lines of requests a test makes: not those of the probes a test (or its
+        helpers) polls, such as `/health` while waiting for the model."""
+        return [line for line in self.all_request_logs() if line.get("endpoint") not in PROBES]
 
     def request_log(self, request_id: str) -> dict[str, Any]:
         """The request's JSON log line (written just before the response; allow it to land)."""
         deadline = time.monotonic() + 5
         while True:
-            found = [entry for entry in self.request_logs() if entry["requestId"] == request_id]
+            found = [line for line in self.all_request_logs() if line["requestId"] == request_id]
             if found or time.monotonic() > deadline:
                 assert len(found) == 1, f"{len(found)} log lines for {request_id}"
                 return found[0]

@@ -6,8 +6,9 @@ server listens; a request that needs one before it is ready waits for that one o
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import anyio
@@ -77,10 +78,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     return Starlette(
         routes=[
-            Route("/", page.index, methods=["GET"]),
-            Route("/health", health, methods=["GET"]),
-            Route("/metrics", prometheus_metrics, methods=["GET"]),
-            Route("/openapi.json", openapi_document, methods=["GET"]),
+            Route("/", counted("page", page.index), methods=["GET"]),
+            Route("/health", counted("health", health), methods=["GET"]),
+            Route("/metrics", counted("metrics", prometheus_metrics), methods=["GET"]),
+            Route("/openapi.json", counted("openapi", openapi_document), methods=["GET"]),
             Route("/v1/transcriptions", routes.transcriptions, methods=["POST"]),
             Route("/v1/audio/transcriptions", routes.openai_transcriptions, methods=["POST"]),
             Route(
@@ -98,6 +99,33 @@ def create_app(settings: Settings | None = None) -> Starlette:
         exception_handlers={HTTPException: http_error, Exception: unexpected_error},
         lifespan=lifespan,
     )
+
+
+def counted(
+    name: str, handler: Callable[[Request], Awaitable[Response]]
+) -> Callable[[Request], Awaitable[Response]]:
+    """An endpoint that reads no body, answered as every answer is: with `X-Request-Id`,
+    logged and counted once (the audio endpoints' `Answer` does the same for them)."""
+
+    @functools.wraps(handler)
+    async def run(request: Request) -> Response:
+        request_id = request_id_of(request.scope)
+        response = await handler(request)
+        response.headers["X-Request-Id"] = request_id
+        log_request(
+            {
+                "requestId": request_id,
+                "endpoint": name,
+                "method": request.method,
+                "path": request.url.path,
+                "status": response.status_code,
+                "code": "ok",
+            }
+        )
+        metrics.REQUESTS.labels(endpoint=name, code="ok").inc()
+        return response
+
+    return run
 
 
 async def health(request: Request) -> Response:
