@@ -19,6 +19,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+from unittest import mock
 
 import anyio
 import httpx
@@ -29,6 +30,7 @@ from starlette.types import Message
 
 from vrai_stream import errors
 from vrai_stream.auth.config import hash_token
+from vrai_stream.http import answer as answer_module
 from vrai_stream.http import events as events_module
 from vrai_stream.http.answer import Answer
 from vrai_stream.http.context import RequestContext
@@ -420,11 +422,14 @@ async def run_stream(
     app = SimpleNamespace(state=SimpleNamespace(services=None))
     scope = {"type": "http", "method": "POST", "path": ENDPOINT, "headers": [], "app": app}
     context = RequestContext(Request(scope), "transcriptions", "service")
-    setattr(context, "record", lambda *, code, status: finished.append((code, status)))  # noqa: B010
     answer = Answer(
         context, lambda context: work(context.events, context.body_read), idempotent=False
     )
-    with anyio.fail_after(5):
+
+    def record(context: RequestContext, *, code: str, status: int) -> None:
+        finished.append((code, status))
+
+    with anyio.fail_after(5), mock.patch.object(answer_module, "record", record):
         await answer(scope, receive, send)
     return sent, finished, context.body_read
 

@@ -37,6 +37,7 @@ from vrai_stream import errors
 from vrai_stream.http import idempotency
 from vrai_stream.http.context import ErrorStyle, RequestContext
 from vrai_stream.http.events import HEARTBEAT, ServerSentEvent
+from vrai_stream.http.request_log import record
 from vrai_stream.uploads.recorded import RecordedAnswer
 
 logger = logging.getLogger("vrai_stream.http.answer")
@@ -106,7 +107,7 @@ class Answer(Response):
         answer finds it in the log."""
         if not self._logged:
             self._logged = True
-            self._context.record(code=outcome[0], status=outcome[1])
+            record(self._context, code=outcome[0], status=outcome[1])
 
     def _settle(self, status: int) -> None:
         """The answer is over: a kept key's repeats, and a resumed upload's request, learn it."""

@@ -8,7 +8,6 @@ job share about the one request.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import uuid
 from collections.abc import AsyncIterator, Collection, Mapping
@@ -17,20 +16,20 @@ from typing import Any, Literal
 
 import anyio
 from anyio.abc import TaskGroup
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
 
-from vrai_stream import errors, metrics
+from vrai_stream import errors
 from vrai_stream.bodies.forms import BodyDecoder, Submission, read_submission
 from vrai_stream.bodies.limits import BodyMeter, limited
 from vrai_stream.http.events import Events
+from vrai_stream.http.request_body import check_declared_length, request_body
 from vrai_stream.http.responses import error_body, error_response
-from vrai_stream.http.upload_draft import INTERIM_EXTENSION, INTERIM_REASON, draft_of
+from vrai_stream.http.resumable import begin_upload
 from vrai_stream.pipeline.job import JobListener, JobResult, JobSpec
 from vrai_stream.services import Services
 from vrai_stream.settings import ANONYMOUS, MiB
 from vrai_stream.speech.summarize import SummarizationType
-from vrai_stream.telemetry import log_request
 from vrai_stream.uploads.idempotency import Entry, Fingerprint
 from vrai_stream.uploads.session import UploadSession
 
@@ -113,7 +112,11 @@ class RequestContext:
         outlives this connection: a 104 tells the client where to resume it.  Call it before
         the answer's events open: the 104 must go out before the answer's head.
         """
-        upload = self._begin_upload()
+        if self.feeders is not None and self.upload is None:
+            self.upload = begin_upload(
+                self.request, self.services.uploads, self.user_id, self.feeders
+            )
+        upload = self.upload
         return self.observed(upload.chunks() if upload else request_body(self.request))
 
     async def observed(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -128,32 +131,6 @@ class RequestContext:
         if self.fingerprint is not None and self.key_entry is not None:
             self.key_entry.hash_known(self.fingerprint.hexdigest())
         self.body_read.set()
-
-    def _begin_upload(self) -> UploadSession | None:
-        headers = self.request.headers
-        draft = draft_of(headers)
-        interim = self.request.scope.get("extensions", {}).get(INTERIM_EXTENSION)
-        if draft is None or interim is None or self.feeders is None:
-            return None  # a plain request, or a server that cannot send a 104
-        complete = draft.complete(headers)
-        if complete is None:
-            return None  # the draft's creation names whether the body is complete
-        if not complete:
-            raise errors.InvalidParameters(
-                "Send the whole recording in the request that creates the upload "
-                "(Upload-Complete: ?1); resume it with PATCH if the connection drops"
-            )
-        upload = self.services.uploads.create(user_id=self.user_id)
-        location = str(self.request.base_url).rstrip("/") + upload.path
-        fields = [("Location", location), ("Upload-Draft-Interop-Version", str(draft.version))]
-        if not interim["send"](104, INTERIM_REASON, fields):
-            self.services.uploads.forget(upload)
-            return None
-        self.upload = upload
-        self.feeders.start_soon(
-            functools.partial(upload.feed, complete=True), request_body(self.request)
-        )
-        return upload
 
     def idle_timeout(self) -> float:
         """A resumable upload times its own silences (and waits out a dropped connection)."""
@@ -218,81 +195,3 @@ class RequestContext:
             # Refused before reading: close, or the client would upload it all for nothing.
             response.headers["Connection"] = "close"
         return response
-
-    def record(self, *, code: str, status: int) -> None:
-        """The request's one log line and its count."""
-        named = self.request.scope.get("extensions", {}).get(REQUEST_ID_EXTENSION, {})
-        refused = named.get("refused")
-        if isinstance(refused, errors.ServiceError):
-            code, status = refused.code, refused.status  # the parser's refusal, not a leaver
-        fields: dict[str, Any] = {
-            "requestId": self.request_id,
-            "endpoint": self.endpoint,
-            "method": self.request.method,
-            "path": self.request.url.path,
-            "userId": self.user_id,
-            "status": status,
-            "code": code,
-            "seconds": round(anyio.current_time() - self.started, 3),
-        }
-        if "summaryError" in self.summary_fields:
-            fields["summaryError"] = self.summary_fields["summaryError"]
-        result = self.result
-        if result is not None:
-            fields["fromTime"] = result.spec.window.start
-            fields["toTime"] = result.window_end
-            fields.update(result.log_fields())
-            fields["audioSeconds"] = result.duration
-            count_job(result)
-        if self.events.opened:
-            fields["answer"] = "events"
-        if self.upload is not None:
-            fields["uploadResumptions"] = self.upload.resumptions
-        metrics.REQUESTS.labels(endpoint=self.endpoint, code=code).inc()
-        log_request(fields)
-
-
-def count_job(result: JobResult) -> None:
-    timings = result.timings
-    durations = (
-        ("receive", timings.receive),
-        ("transcode", timings.transcode),
-        ("transcribe", timings.transcribe),
-        ("total", timings.total),
-        ("after_last_byte", timings.after_last_byte),
-    )
-    for stage, seconds in durations:
-        if seconds > 0:
-            metrics.STAGE_SECONDS.labels(stage=stage).observe(seconds)
-    metrics.BYTES.labels(direction="in").inc(result.input_size)
-    metrics.BYTES.labels(direction="out").inc(result.mp3_size)
-    if result.layout is not None and result.mode is not None:
-        metrics.LAYOUTS.labels(format=result.layout.container, mode=result.mode.value).inc()
-    if result.duration > 0:
-        metrics.AUDIO_SECONDS.inc(result.duration)
-
-
-def check_declared_length(headers: Mapping[str, str], max_body_bytes: int) -> None:
-    """Refuse a body too large by its Content-Length before reading a byte of it."""
-    declared = headers.get("content-length")
-    if declared is None:
-        return
-    try:
-        length = int(declared)
-    except ValueError:
-        raise errors.InvalidParameters("Content-Length is not a number") from None
-    if length > max_body_bytes:
-        raise errors.BodyTooLarge(
-            f"The upload is {length} bytes; at most {max_body_bytes} bytes are accepted"
-        )
-    if length == 0:
-        raise errors.EmptyBody("The request has no body; send the audio as the request body")
-
-
-async def request_body(request: Request) -> AsyncIterator[bytes]:
-    """The body's chunks as they arrive; a vanished client becomes a `ClientDisconnected`."""
-    try:
-        async for chunk in request.stream():
-            yield chunk
-    except ClientDisconnect:
-        raise errors.ClientDisconnected("The client disconnected during the upload") from None

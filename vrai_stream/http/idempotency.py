@@ -12,7 +12,8 @@ from starlette.responses import Response
 
 from vrai_stream import errors, metrics
 from vrai_stream.bodies.limits import BodyMeter, limited
-from vrai_stream.http.context import RequestContext, request_body
+from vrai_stream.http.context import RequestContext
+from vrai_stream.http.request_body import request_body
 from vrai_stream.http.responses import RecordedResponse
 from vrai_stream.uploads.idempotency import Entry, Fingerprint, check_key
 

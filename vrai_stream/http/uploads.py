@@ -19,7 +19,8 @@ from starlette.responses import Response
 
 from vrai_stream import errors
 from vrai_stream.http.answer import Reply, endpoint
-from vrai_stream.http.context import RequestContext, request_body
+from vrai_stream.http.context import RequestContext
+from vrai_stream.http.request_body import request_body
 from vrai_stream.http.responses import RecordedResponse
 from vrai_stream.http.upload_draft import PARTIAL_UPLOAD, VERSIONS, Draft, draft_of
 from vrai_stream.services import Services
