@@ -26,14 +26,13 @@ from typing import Any
 import httpx
 import pytest
 
-from vrai_stream.auth.config import hash_token
-
 from .support.client import form_body
 from .support.fake_openai import FakeOpenAI
 from .support.resumable_client import append, create, offset
 from .support.server import Server, start_server
 from .support.sse import parse_events
 from .test_auth_http import TOKEN_USERS, auth_header
+from .test_idempotency import keyed_env
 
 pytestmark = pytest.mark.anyio
 
@@ -126,11 +125,7 @@ def upstream() -> Iterator[FakeOpenAI]:
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory, upstream: FakeOpenAI) -> Iterator[Server]:
-    table = ",".join(f"{user}:{hash_token(token)}" for user, token in TOKEN_USERS.items())
-    running = start_server(
-        tmp_path_factory.mktemp("every-endpoint"),
-        {**upstream.server_env(), "VRAI_AUTH": "token", "VRAI_AUTH_TOKENS": table},
-    )
+    running = start_server(tmp_path_factory.mktemp("every-endpoint"), keyed_env(upstream))
     yield running
     running.stop()
 

@@ -35,15 +35,17 @@ def upstream() -> Iterator[FakeOpenAI]:
         yield fake
 
 
+def keyed_env(upstream: FakeOpenAI) -> dict[str, str]:
+    """A server's settings: the test users' tokens, transcribed through `upstream`."""
+    table = ",".join(f"{user}:{hash_token(token)}" for user, token in TOKEN_USERS.items())
+    return {**upstream.server_env(), "VRAI_AUTH": "token", "VRAI_AUTH_TOKENS": table}
+
+
 @pytest.fixture(scope="module")
 def keyed_server(
     tmp_path_factory: pytest.TempPathFactory, upstream: FakeOpenAI
 ) -> Iterator[Server]:
-    table = ",".join(f"{user}:{hash_token(token)}" for user, token in TOKEN_USERS.items())
-    running = start_server(
-        tmp_path_factory.mktemp("idempotency"),
-        {**upstream.server_env(), "VRAI_AUTH": "token", "VRAI_AUTH_TOKENS": table},
-    )
+    running = start_server(tmp_path_factory.mktemp("idempotency"), keyed_env(upstream))
     yield running
     running.stop()
 
