@@ -20,9 +20,20 @@ import httpx
 import pytest
 
 from vrai_stream.auth.config import hash_token
+from vrai_stream.settings import Settings
 
 from .support.fly_proxy import FlyProxy
-from .support.resumable_client import Attempt, ResumableUploader, append, cancel, create, offset
+from .support.resumable_client import (
+    Attempt,
+    ResumableUploader,
+    append,
+    cancel,
+    create,
+    exchange,
+    offset,
+    options,
+    parse_limits,
+)
 from .support.server import Server, start_server, start_servers
 from .test_auth_http import TOKEN_USERS, auth_header
 
@@ -369,3 +380,84 @@ async def test_a_path_cannot_add_fields_to_the_replay(machines: dict[str, Server
             assert hostile.json()["code"] == "upload_not_found"
             assert "fly-replay" not in hostile.headers
             assert "x-evil" not in hostile.headers
+
+
+# --- the current draft: interop versions 7 and 8 ---------------------------------------------
+
+
+def max_body_bytes(server: Server) -> int:
+    return Settings.from_env(server.env).max_body_bytes
+
+
+@pytest.mark.parametrize("version", [7, 8])
+async def test_the_current_draft_gives_length_and_limits_and_resumes(
+    resumable: Server, recording: bytes, uninterrupted: dict[str, Any], version: int
+) -> None:
+    """As the draft's text has it: the 104 carries `Location` and `Upload-Limit`; `HEAD`
+    answers offset, completeness, length, limits and `no-store`; the append completes it."""
+    url = f"{resumable.url}{WINDOW}"
+    attempt = await create(
+        url, recording, headers=alice(), version=version, cut_after_bytes=len(recording) // 2
+    )
+    location = started(attempt)
+    grace = float(resumable.env["VRAI_RESUME_GRACE_SECONDS"])
+    assert attempt.limits == {"max-size": max_body_bytes(resumable), "max-age": int(grace)}
+
+    where = await offset(location, headers=alice(), version=version)
+    assert (where.status, where.complete, where.length) == (204, False, len(recording))
+    assert 0 < where.offset <= len(recording) // 2
+    assert where.limits["max-size"] == max_body_bytes(resumable)
+    assert 0 < where.limits["max-age"] <= grace  # what is left of the grace
+    assert where.headers["cache-control"] == "no-store"
+    assert where.headers["upload-draft-interop-version"] == str(version)
+
+    done = await append(
+        location, recording[where.offset :], where.offset, headers=alice(), version=version
+    )
+    assert done.status == 200, done.body
+    assert done.json()["transcription"] == uninterrupted["transcription"]
+    assert done.headers["upload-complete"] == "?1"
+    # The id came with the 104, long before the answer: the answer is that request's.
+    assert done.json()["requestId"] == attempt.interim["x-request-id"]
+    after = await offset(location, headers=alice(), version=version)
+    assert (after.status, after.complete, after.offset, after.length) == (
+        204,
+        True,
+        len(recording),
+        len(recording),
+    )
+    resumable.wait_idle(15)
+
+
+@pytest.mark.parametrize(
+    "path", ["/v1/transcriptions", "/v1/audio/transcriptions", "/trim-and-transcribe"]
+)
+async def test_options_announces_resumable_uploads_and_their_limits(
+    resumable: Server, path: str
+) -> None:
+    reply = await options(f"{resumable.url}{path}", headers={})
+    assert reply.status == 204
+    assert "application/partial-upload" in reply.headers["accept-patch"]
+    settings = Settings.from_env(resumable.env)
+    expected = settings.max_body_bytes if path == "/v1/transcriptions" else None
+    assert reply.limits["max-size"] == (expected or settings.max_encoded_body_bytes)
+    assert reply.limits["max-age"] == int(float(resumable.env["VRAI_RESUME_GRACE_SECONDS"]))
+    assert "8" in reply.headers["upload-draft-interop-version"]
+
+
+async def test_an_upload_longer_than_its_limit_is_refused_before_its_body(
+    resumable: Server,
+) -> None:
+    too_long = max_body_bytes(resumable) + 1
+    fields = {**alice(), "Upload-Draft-Interop-Version": "8", "Upload-Complete": "?1"}
+    fields["Upload-Length"] = str(too_long)
+    attempt = await exchange("POST", f"{resumable.url}{WINDOW}", fields, [b"RIFF" * 1000])
+    assert attempt.status == 413, attempt.body
+    assert attempt.location is None, "an upload was made for a body it will refuse"
+    assert attempt.json()["code"] == "body_too_large"
+
+
+def test_the_limits_field_is_read_as_the_draft_says() -> None:
+    assert parse_limits("max-size=10, max-age=60, future=?1") == {"max-size": 10, "max-age": 60}
+    assert parse_limits('max-size="10", max-age=60') == {}, "a known key of the wrong type"
+    assert parse_limits(None) == {}

@@ -362,6 +362,11 @@ class Settings:
     # Authentication: built from `_AuthVariables`
     auth: AuthConfig = field(default_factory=AuthConfig)
 
+    @property
+    def max_encoded_body_bytes(self) -> int:
+        """A body carrying the audio as base64 or in a form: 4/3 of it, plus room for fields."""
+        return self.max_body_bytes * 4 // 3 + MiB
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Build settings from `env` (default: the process environment)."""

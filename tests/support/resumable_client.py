@@ -1,7 +1,11 @@
 """A client of "Resumable Uploads for HTTP" (draft-ietf-httpbis-resumable-upload), written
 from the draft's examples and from what Apple's URLSession sends: interop version 3 (draft
 -01, iOS 17: `Upload-Incomplete`) and 5 or 6 (iOS 18: `Upload-Complete`, appends typed
-`application/partial-upload` from 6 on).
+`application/partial-upload` from 6 on); and from the current text (-12) for interop 7 and
+8: the creation says the whole length (`Upload-Length`), the 104 and `HEAD` give the
+server's limits (`Upload-Limit`, a structured dictionary read as the draft says: unknown
+keys ignored, a known key with a value that is not an integer voids the field), and
+`OPTIONS` asks for them before any upload.
 
 Test scaffolding: it speaks HTTP/1.1 itself with h11 over `anyio.connect_tcp`, because the
 resume URL arrives in a `104` interim response that httpx does not show.  It can cut its
@@ -10,9 +14,8 @@ own connection after so many body bytes (a reset, as a dropped link gives the se
 (`HEAD`), send the rest (`PATCH`), again and again.  A relative `Location` is resolved
 against the request's URL.
 
-Not done: `OPTIONS`, uploads created incomplete (`Upload-Complete: ?0` on the `POST`),
-`Upload-Length`/`Upload-Limit`, digests, redirects, keep-alive (one connection per
-request), HTTP/2, TLS.
+Not done: uploads created incomplete (`Upload-Complete: ?0` on the `POST`), progress 104s,
+digests, redirects, keep-alive (one connection per request), HTTP/2, TLS.
 """
 
 from __future__ import annotations
@@ -48,6 +51,10 @@ class Attempt:
 
     location: str | None = None
     """The upload's URL: the 104's `Location` made absolute (an append's: where it went)."""
+    limits: dict[str, int] = field(default_factory=dict)
+    """The 104's `Upload-Limit` (interop 7 and 8)."""
+    interim: dict[str, str] = field(default_factory=dict)
+    """The 104's fields, names in lower case."""
     status: int | None = None
     headers: dict[str, str] = field(default_factory=dict)
     """The final answer's, names in lower case."""
@@ -69,6 +76,8 @@ class OffsetReply:
     offset: int
     complete: bool | None
     headers: dict[str, str]
+    length: int | None = None
+    limits: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -81,13 +90,34 @@ class Step:
     """Where the request began (PATCH) or what it was told (HEAD)."""
 
 
-def draft_fields(version: int, *, complete: bool) -> dict[str, str]:
-    """The draft's fields: interop 3 says it the other way round (`Upload-Incomplete`)."""
+LIMIT_KEYS = ("max-size", "min-size", "max-append-size", "min-append-size", "max-age")
+
+
+def parse_limits(raw: str | None) -> dict[str, int]:
+    """`Upload-Limit`, a structured-field dictionary of integers: `max-size=1, max-age=60`.
+    Unknown keys are ignored; a known key with another type of value voids the field."""
+    limits: dict[str, int] = {}
+    for member in (raw or "").split(","):
+        key, _, value = member.strip().partition("=")
+        if key not in LIMIT_KEYS:
+            continue
+        if not value.isdigit():
+            return {}
+        limits[key] = int(value)
+    return limits
+
+
+def draft_fields(version: int, *, complete: bool, length: int | None = None) -> dict[str, str]:
+    """The draft's fields: interop 3 says it the other way round (`Upload-Incomplete`);
+    from 7 on, the whole length goes with them when it is known."""
     if version >= 5:
-        return {
+        fields = {
             "Upload-Draft-Interop-Version": str(version),
             "Upload-Complete": "?1" if complete else "?0",
         }
+        if version >= 7 and length is not None:
+            fields["Upload-Length"] = str(length)
+        return fields
     return {
         "Upload-Draft-Interop-Version": str(version),
         "Upload-Incomplete": "?0" if complete else "?1",
@@ -104,11 +134,13 @@ async def create(
     chunk_size: int = CHUNK,
     pace: float | None = None,
 ) -> Attempt:
-    """The upload's creation: the ordinary POST, chunked, with the draft's fields.
+    """The upload's creation: the ordinary POST, chunked, with the draft's fields (and the
+    whole length, when `data` is whole).
 
     `pace`: bytes a second, to send as a slow link would.
     """
-    fields = {**headers, **draft_fields(version, complete=True)}
+    length = len(data) if isinstance(data, bytes) else None
+    fields = {**headers, **draft_fields(version, complete=True, length=length)}
     return await exchange(
         "POST",
         url,
@@ -131,7 +163,23 @@ async def offset(location: str, *, headers: Mapping[str, str], version: int = 6)
     elif "upload-incomplete" in reply.headers:
         complete = reply.headers["upload-incomplete"] == "?0"
     raw = reply.headers.get("upload-offset", "-1")
-    return OffsetReply(reply.status or 0, int(raw), complete, reply.headers)
+    length = reply.headers.get("upload-length")
+    return OffsetReply(
+        reply.status or 0,
+        int(raw),
+        complete,
+        reply.headers,
+        length=int(length) if length is not None else None,
+        limits=parse_limits(reply.headers.get("upload-limit")),
+    )
+
+
+async def options(url: str, *, headers: Mapping[str, str]) -> Attempt:
+    """`OPTIONS` on the resource an upload would go to: does it take resumable uploads
+    (`Accept-Patch` naming `application/partial-upload`), and within what limits."""
+    attempt = await exchange("OPTIONS", url, headers, None)
+    attempt.limits = parse_limits(attempt.headers.get("upload-limit"))
+    return attempt
 
 
 async def append(
@@ -313,6 +361,8 @@ async def _read(
             fields = _headers(event.headers)
             if event.status_code == 104 and "location" in fields:
                 attempt.location = str(base.join(fields["location"]))
+                attempt.limits = parse_limits(fields.get("upload-limit"))
+                attempt.interim = fields
         elif isinstance(event, h11.Response):
             attempt.status = event.status_code
             attempt.headers = _headers(event.headers)
@@ -388,7 +438,7 @@ class ResumableUploader:
             if where.status == 0:
                 continue  # the HEAD's own connection failed: ask again
             if where.status != 204:
-                return Attempt(location, where.status, where.headers)
+                return Attempt(location, status=where.status, headers=where.headers)
             reply = await append(
                 location,
                 data[where.offset :],

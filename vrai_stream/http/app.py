@@ -36,6 +36,12 @@ from vrai_stream.telemetry import log_request
 
 logger = logging.getLogger("vrai_stream.http.app")
 
+AUDIO_PATHS = (
+    "/v1/transcriptions",
+    "/v1/audio/transcriptions",
+    "/trim-and-transcribe",
+    "/trim-and-transcribe-multipart",
+)
 JOB_CLEANUP_SECONDS = KILL_GRACE_SECONDS + 1.0
 """How long jobs cancelled at the end of the drain get to stop their ffmpeg and clean up."""
 
@@ -94,6 +100,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 "/trim-and-transcribe-multipart",
                 routes.trim_and_transcribe_multipart,
                 methods=["POST"],
+            ),
+            *(
+                # The resumable-upload draft: what an audio endpoint takes, before a POST.
+                Route(path, counted("options", uploads.options), methods=["OPTIONS"])
+                for path in AUDIO_PATHS
             ),
         ],
         exception_handlers={HTTPException: http_error, Exception: unexpected_error},

@@ -28,7 +28,7 @@ from vrai_stream.http.responses import error_body, error_response
 from vrai_stream.http.resumable import begin_upload
 from vrai_stream.pipeline.job import JobListener, JobResult, JobSpec
 from vrai_stream.services import Services
-from vrai_stream.settings import ANONYMOUS, MiB
+from vrai_stream.settings import ANONYMOUS
 from vrai_stream.speech.summarize import SummarizationType
 from vrai_stream.uploads.idempotency import Entry, Fingerprint
 from vrai_stream.uploads.session import UploadSession
@@ -72,6 +72,9 @@ class RequestContext:
         """The request's hash as its body streams, when it carries an `Idempotency-Key`."""
         self.feeders: TaskGroup | None = None
         """Where the task feeding a resumable upload from this connection runs."""
+        self.body_limit = 0
+        """The most bytes this request's body may hold: set by `check_body_length`, which
+        every audio handler calls before it reads the body."""
         self._authenticated = False
 
     async def authenticate(self) -> None:
@@ -82,14 +85,14 @@ class RequestContext:
         self.user_id = principal.user_id
         self._authenticated = True
 
-    @property
-    def encoded_body_limit(self) -> int:
-        """A body carrying the audio as base64 or in a form: 4/3 of it, plus room for fields."""
-        return self.services.settings.max_body_bytes * 4 // 3 + MiB
-
     def check_body_length(self, *, encoded: bool = False) -> None:
-        limit = self.encoded_body_limit if encoded else self.services.settings.max_body_bytes
-        check_declared_length(self.request.headers, limit)
+        """Refuse a body too large by its `Content-Length`; `encoded`: it carries the audio
+        as base64 or in a form.  The limit checked is the one a resumable upload announces."""
+        settings = self.services.settings
+        self.body_limit = (
+            self.services.settings.max_encoded_body_bytes if encoded else settings.max_body_bytes
+        )
+        check_declared_length(self.request.headers, self.body_limit)
 
     @asynccontextmanager
     async def admitted(self) -> AsyncIterator[None]:
@@ -113,8 +116,14 @@ class RequestContext:
         the answer's events open: the 104 must go out before the answer's head.
         """
         if self.feeders is not None and self.upload is None:
+            assert self.body_limit > 0, "check_body_length comes before the body"
             self.upload = begin_upload(
-                self.request, self.services.uploads, self.user_id, self.feeders
+                self.request,
+                self.services.uploads,
+                self.user_id,
+                self.feeders,
+                max_size=self.body_limit,
+                request_id=self.request_id,
             )
         upload = self.upload
         return self.observed(upload.chunks() if upload else request_body(self.request))
@@ -140,7 +149,7 @@ class RequestContext:
         """Read a form or JSON body until the fields in `required` are known (`bodies.forms`)."""
         raw = limited(
             self.body(),
-            max_bytes=self.encoded_body_limit,
+            max_bytes=self.services.settings.max_encoded_body_bytes,
             idle_timeout=self.idle_timeout(),
             meter=BodyMeter(),
         )

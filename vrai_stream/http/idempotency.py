@@ -43,7 +43,7 @@ async def replay(context: RequestContext, entry: Entry) -> Response:
     """The first request's answer, for a repeat of it."""
     body = limited(
         context.observed(request_body(context.request)),
-        max_bytes=context.encoded_body_limit,
+        max_bytes=context.services.settings.max_encoded_body_bytes,
         idle_timeout=context.services.settings.idle_timeout_seconds,
         meter=BodyMeter(),
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from vrai_stream import errors
+from vrai_stream.http.upload_draft import VERSIONS
 from vrai_stream.speech.formats import RESPONSE_FORMATS
 from vrai_stream.speech.summarize import SummarizationType
 
@@ -146,12 +147,37 @@ def _body_operation(
                 "200": {"description": "The transcript", "content": answers},
                 **_error_responses(*failures),
             },
-        }
+        },
+        "options": _upload_options(),
+    }
+
+
+def _upload_options() -> dict[str, Any]:
+    """`OPTIONS` on an audio endpoint: the resumable-upload draft's discovery."""
+    headers = {
+        "Accept-Patch": "`application/partial-upload`: resumable uploads are taken",
+        "Upload-Limit": "`max-size` (the endpoint's body limit) and `max-age` (the grace)",
+        "Upload-Draft-Interop-Version": "The interop versions spoken",
+    }
+    return {
+        "summary": "Whether, and within what limits, uploads here are resumable.",
+        "security": [],
+        "responses": {
+            "204": {
+                "description": "Resumable uploads are taken",
+                "headers": {
+                    name: {"description": text, "schema": {"type": "string"}}
+                    for name, text in headers.items()
+                },
+            }
+        },
     }
 
 
 _UPLOAD_FIELDS = {
-    "Upload-Draft-Interop-Version": "3 (iOS 17), 5 or 6 (iOS 18)",
+    "Upload-Draft-Interop-Version": "3 (iOS 17), 5 or 6 (iOS 18), 7 or 8 (the current text)",
+    "Upload-Length": "The whole upload's length, when the client gave it (interop 7 and 8)",
+    "Upload-Limit": "`max-size` and `max-age` (interop 7 and 8)",
     "Upload-Offset": "Bytes of the body received so far",
     "Upload-Complete": "?1 once every byte has arrived (interop 5, 6)",
     "Upload-Incomplete": "?0 once every byte has arrived (interop 3)",
@@ -179,7 +205,7 @@ def _upload_resource() -> dict[str, Any]:
     version = {
         "name": "Upload-Draft-Interop-Version",
         "in": "header",
-        "schema": {"enum": ["3", "5", "6"]},
+        "schema": {"enum": [str(version) for version in VERSIONS]},
     }
     return {
         "parameters": parameters,
@@ -382,7 +408,8 @@ def build_openapi() -> dict[str, Any]:
                         },
                         **_error_responses(*_RAW_ERRORS),
                     },
-                }
+                },
+                "options": _upload_options(),
             },
             "/v1/uploads/{machine}/{upload_id}": _upload_resource(),
             "/trim-and-transcribe": _body_operation(

@@ -21,8 +21,10 @@ from vrai_stream import errors
 from vrai_stream.http.answer import Reply, endpoint
 from vrai_stream.http.context import RequestContext
 from vrai_stream.http.request_body import request_body
+from vrai_stream.http.request_shape import RAW_ENDPOINT
 from vrai_stream.http.responses import RecordedResponse
-from vrai_stream.http.upload_draft import PARTIAL_UPLOAD, VERSIONS, Draft, draft_of
+from vrai_stream.http.resumable import limits_of
+from vrai_stream.http.upload_draft import PARTIAL_UPLOAD, VERSIONS, Draft, Limits, draft_of
 from vrai_stream.services import Services
 from vrai_stream.uploads.registry import MACHINE_ID, Finished
 from vrai_stream.uploads.session import State, UploadSession
@@ -80,6 +82,7 @@ async def _append(
             fields=_state(draft, upload),
         )
     assert isinstance(upload, UploadSession)
+    _learn_length(upload, draft.length(headers, offset=offset))
     context.services.uploads.resumed(upload)
     context.body_started = True
     finished = complete is not False
@@ -94,6 +97,21 @@ async def _append(
     return Response(status_code=204, headers=_state(draft, upload))
 
 
+def _learn_length(upload: UploadSession, length: int | None) -> None:
+    """The upload's length as this append says it: it must agree with what was said."""
+    if length is None:
+        return
+    if upload.length is not None and length != upload.length:
+        raise errors.InvalidParameters(
+            f"The upload's length was given as {upload.length} bytes; this request says {length}"
+        )
+    if upload.max_size is not None and length > upload.max_size:
+        raise errors.BodyTooLarge(
+            f"The upload is {length} bytes; at most {upload.max_size} bytes are accepted"
+        )
+    upload.length = length
+
+
 def _is_complete(upload: UploadSession | Finished) -> bool:
     if isinstance(upload, Finished):
         return upload.complete
@@ -101,7 +119,10 @@ def _is_complete(upload: UploadSession | Finished) -> bool:
 
 
 def _state(draft: Draft, upload: UploadSession | Finished) -> dict[str, str]:
-    return draft.state(offset=upload.offset, complete=_is_complete(upload))
+    """Where the upload stands; a live one's limits too (a finished one takes no more)."""
+    limits = limits_of(upload) if isinstance(upload, UploadSession) else None
+    complete = _is_complete(upload)
+    return draft.state(offset=upload.offset, complete=complete, length=upload.length, limits=limits)
 
 
 def _elsewhere(request: Request, machine: str, services: Services) -> Response:
@@ -120,3 +141,19 @@ def _elsewhere(request: Request, machine: str, services: Services) -> Response:
         headers["fly-replay-cache-ttl-secs"] = str(ttl)
     # 421 Misdirected Request: what a client sees if no proxy acts on the replay.
     return Response(status_code=421, headers=headers)
+
+
+async def options(request: Request) -> Response:
+    """`OPTIONS` on an audio endpoint: it takes resumable uploads, and on what terms."""
+    services: Services = request.app.state.services
+    settings = services.settings
+    raw = request.url.path == RAW_ENDPOINT
+    limit = settings.max_body_bytes if raw else settings.max_encoded_body_bytes
+    limits = Limits(max_size=limit, max_age=services.uploads.grace_seconds)
+    headers = {
+        "Allow": "POST, OPTIONS",
+        "Accept-Patch": PARTIAL_UPLOAD,
+        "Upload-Limit": limits.field(),
+        "Upload-Draft-Interop-Version": ", ".join(map(str, VERSIONS)),
+    }
+    return Response(status_code=204, headers=headers)

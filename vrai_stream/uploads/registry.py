@@ -26,6 +26,7 @@ class Finished:
 
     user_id: str
     offset: int
+    length: int | None
     complete: bool
     """Every byte arrived (the job answered); else it was given up (`reason`)."""
     reason: str
@@ -102,6 +103,7 @@ class Uploads:
         self._finished[session.id] = Finished(
             user_id=session.user_id,
             offset=session.offset,
+            length=session.length,
             complete=session.state is State.COMPLETE,
             reason=session.ended_because or "its job ended before its last byte",
         )

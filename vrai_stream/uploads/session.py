@@ -113,6 +113,10 @@ class UploadSession:
         self.waiting_since: float | None = None
         self.resumptions = 0
         self.ended_because: str | None = None
+        self.length: int | None = None
+        """The whole upload's length, once a request has said it (`Upload-Length`)."""
+        self.max_size: int | None = None
+        """The most bytes the upload may hold: its endpoint's body limit."""
         self._grace = grace_seconds
         self._idle = idle_timeout_seconds
         self._handoff = _Handoff()
@@ -144,6 +148,13 @@ class UploadSession:
                 raise errors.ClientDisconnected(self._why_ended())
             self.offset += len(chunk)
             yield chunk
+
+    def seconds_left(self) -> float:
+        """How long the upload resource lives at most: a waiting one, what is left of its
+        grace; one being fed, a whole grace after its connection drops."""
+        if self.state is State.WAITING and self.waiting_since is not None:
+            return max(0.0, self.waiting_since + self._grace - anyio.current_time())
+        return self._grace
 
     def _deadline(self) -> float:
         if self.state is State.WAITING and self.waiting_since is not None:
