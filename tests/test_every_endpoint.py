@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 
@@ -30,8 +31,9 @@ from .support.client import form_body
 from .support.fake_openai import FakeOpenAI
 from .support.resumable_client import append, create, offset
 from .support.server import Server, start_server
-from .support.sse import parse_events
+from .support.sse import RawEvents, parse_events
 from .test_auth_http import TOKEN_USERS, auth_header
+from .test_errors import CHUNKED, chunk_frame, raw_connection, request_head
 from .test_idempotency import keyed_env
 
 pytestmark = pytest.mark.anyio
@@ -303,3 +305,69 @@ async def test_the_other_endpoints_answer_as_every_answer_does(
     assert (line["endpoint"], line["status"], line["path"]) == (endpoint, 200, path)
     # Reading /metrics counts once more, after the sample: allow for this read itself.
     assert service.metric(metric) == before + 1 + (endpoint == "metrics")
+
+
+# --- an answer asked for again by its id --------------------------------------------------------
+
+
+@pytest.mark.parametrize("way", [WAYS[0], WAYS[1], WAYS[5]], ids=lambda way: way.name)
+async def test_a_finished_answer_is_had_again_by_its_id_by_its_owner_only(
+    service: Server, recording: bytes, way: Way
+) -> None:
+    async with httpx.AsyncClient(base_url=service.url, timeout=60) as client:
+        answer = await client.post(
+            way.path, content=way.encode(recording), headers=way.request_headers()
+        )
+        assert answer.status_code == 200, answer.text
+        request_id = answer.headers["x-request-id"]
+        again = await client.get(f"/v1/transcriptions/{request_id}", headers=alice_only())
+        bob = await client.get(
+            f"/v1/transcriptions/{request_id}", headers=auth_header(TOKEN_USERS["bob"])
+        )
+        unknown = await client.get(f"/v1/transcriptions/{uuid.uuid4().hex}", headers=alice_only())
+    assert again.status_code == 200, again.text
+    if way.name == "events":  # the `done` event's body: the JSON answer itself
+        assert again.json() == parse_events(answer.text)[-1].data
+    else:
+        assert again.content == answer.content
+    assert (bob.status_code, bob.json()["code"]) == (404, "not_found")
+    assert (unknown.status_code, unknown.json()["code"]) == (404, "not_found")
+
+
+async def test_an_answer_asked_for_while_its_job_runs_is_202(
+    service: Server, recording: bytes
+) -> None:
+    """The id comes with the answer's head (here, events that open before the body's end);
+    asked for by it while the upload still arrives, the answer is `202` with `Retry-After`,
+    then the answer itself once the job is over."""
+    way = WAYS[1]
+    fields = {**way.request_headers(), **CHUNKED}
+    frames = [chunk_frame(recording[i : i + 65536]) for i in range(0, len(recording), 65536)]
+    async with (
+        raw_connection(service) as stream,
+        httpx.AsyncClient(base_url=service.url, timeout=30) as client,
+    ):
+        await stream.send(request_head(way.path, fields))
+        answer = RawEvents(stream)
+        await stream.send(frames[0])
+        with anyio.fail_after(10):
+            await answer.head()
+        request_id = answer.headers["x-request-id"]
+        running = await client.get(f"/v1/transcriptions/{request_id}", headers=alice_only())
+        for frame in frames[1:]:
+            await stream.send(frame)
+        await stream.send(chunk_frame(b""))
+        events = []
+        with anyio.fail_after(60):
+            while (event := await answer.next_event()) is not None:
+                events.append(event)
+        done = await client.get(f"/v1/transcriptions/{request_id}", headers=alice_only())
+    assert running.status_code == 202, running.text
+    assert int(running.headers["retry-after"]) > 0
+    assert running.json() == {"requestId": request_id, "status": "running"}
+    assert done.status_code == 200, done.text
+    assert done.json() == events[-1].data and events[-1].name == "done"
+
+
+def alice_only() -> dict[str, str]:
+    return auth_header(TOKEN_USERS["alice"])

@@ -22,6 +22,7 @@ from vrai_stream.uploads.idempotency import (
 )
 from vrai_stream.uploads.recorded import RELAY_BYTES, RecordedAnswer
 from vrai_stream.uploads.registry import Uploads
+from vrai_stream.uploads.results import MAX_RESULT_BYTES, MAX_TOTAL_BYTES, Result, Results
 from vrai_stream.uploads.session import State, UploadSession
 
 pytestmark = pytest.mark.anyio
@@ -310,3 +311,24 @@ async def test_a_relay_holds_its_writer_back_to_its_reader() -> None:
             await anyio.sleep(0.001)  # a slow link
     assert read == written == 4 + 64 * len(piece)
     assert most_ahead <= RELAY_BYTES + 2 * len(piece), most_ahead
+
+
+async def test_results_are_kept_for_their_owner_bounded_in_bytes_and_time() -> None:
+    results = Results(ttl_seconds=0.2)
+    results.started("r1", "alice")
+    running = results.find("r1", "alice")
+    assert running is not None and running.result is None
+    assert results.find("r1", "bob") is None, "another user's job is unknown"
+    results.finished("r1", Result(200, "application/json", b"{}"))
+    found = results.find("r1", "alice")
+    assert found is not None and found.result == Result(200, "application/json", b"{}")
+    big = Result(200, "application/json", bytes(MAX_RESULT_BYTES))
+    for n in range(MAX_TOTAL_BYTES // MAX_RESULT_BYTES + 2):
+        results.started(f"big-{n}", "alice")
+        results.finished(f"big-{n}", big)
+    assert results.find("big-0", "alice") is None, "the oldest was kept beyond the byte cap"
+    results.started("mp3", "alice")
+    results.finished("mp3", None)
+    assert results.find("mp3", "alice") is None, "nothing to send again is not kept"
+    await anyio.sleep(0.25)
+    assert results.find(f"big-{n}", "alice") is None, "expired with its time to live"

@@ -20,6 +20,7 @@ from vrai_stream.speech.transcribers.base import Transcriber
 from vrai_stream.spool import Budget, usable_tmp_dir
 from vrai_stream.uploads.idempotency import IdempotencyKeys
 from vrai_stream.uploads.registry import MACHINE_ID, Uploads
+from vrai_stream.uploads.results import Results
 from vrai_stream.warmup import Lazy
 
 logger = logging.getLogger("vrai_stream.services")
@@ -47,6 +48,7 @@ class Services:
     auth: Authenticator
     uploads: Uploads
     idempotency: IdempotencyKeys
+    results: Results
 
     @classmethod
     def create(cls, settings: Settings, ffmpeg: str) -> Services:
@@ -83,6 +85,7 @@ class Services:
                 idle_timeout_seconds=settings.idle_timeout_seconds,
             ),
             idempotency=IdempotencyKeys(settings.idempotency_ttl_seconds),
+            results=Results(settings.result_ttl_seconds),
         )
 
     @property

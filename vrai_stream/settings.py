@@ -242,6 +242,9 @@ class Settings:
     idempotency_ttl_seconds: float = field(
         default=86400.0, metadata=number("VRAI_IDEMPOTENCY_TTL_SECONDS", minimum=0)
     )
+    result_ttl_seconds: float = field(
+        default=3600.0, metadata=number("VRAI_RESULT_TTL_SECONDS", minimum=0)
+    )
 
     # ffmpeg and spools
     ffmpeg: str | None = field(default=None, metadata=text("VRAI_FFMPEG"))

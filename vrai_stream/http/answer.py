@@ -24,6 +24,7 @@ body's read itself, which fails the job with `client_disconnected`.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 from collections.abc import Awaitable, Callable
@@ -39,6 +40,7 @@ from vrai_stream.http.context import ErrorStyle, RequestContext
 from vrai_stream.http.events import HEARTBEAT, ServerSentEvent
 from vrai_stream.http.request_log import record
 from vrai_stream.uploads.recorded import RecordedAnswer
+from vrai_stream.uploads.results import Result
 
 logger = logging.getLogger("vrai_stream.http.answer")
 
@@ -84,6 +86,8 @@ class Answer(Response):
         self._handler = handler
         self._idempotent = idempotent
         self._outcome = ("cancelled", 500)
+        self._kept: Result | None = None
+        """The answer as `GET /v1/transcriptions/{id}` sends it again, once it is known."""
         self._client_gone = False
         self._answered = False
         self._logged = False
@@ -120,6 +124,9 @@ class Answer(Response):
         if context.upload is not None:
             context.upload.job_over()
             context.services.uploads.forget(context.upload)
+        if context.result is not None:  # a job ran: its answer can be asked for by its id
+            ended = status != 499 and not self._client_gone and self._outcome[0] != "cancelled"
+            context.services.results.finished(context.request_id, self._kept if ended else None)
 
     async def _run(self) -> None:
         """The handler, and what becomes of its outcome: the last event, or a plain answer."""
@@ -142,15 +149,21 @@ class Answer(Response):
             if isinstance(answer, ServerSentEvent):
                 events.end(answer)
                 self._outcome = ("ok", 200)
+                self._kept = _kept_event(answer, 200)
             else:
                 events.answer(answer)
                 replayed = answer.headers.get("idempotent-replayed") == "true"
                 self._outcome = ("replayed" if replayed else "ok", answer.status_code)
+                self._kept = _kept_response(answer)
             return
         if events.opened:
-            events.end(ServerSentEvent("error", context.error_body(failure)))
+            last = ServerSentEvent("error", context.error_body(failure))
+            events.end(last)
+            self._kept = _kept_event(last, failure.status)
         else:
-            events.answer(context.error_response(failure))
+            refusal = context.error_response(failure)
+            events.answer(refusal)
+            self._kept = _kept_response(refusal)
 
     async def _answer(self) -> Reply:
         """The handler's answer, or the first answer again for a repeated key."""
@@ -264,3 +277,19 @@ async def _never_disconnected() -> Message:
     """`receive` for an answer played into a recording: no client of its own to lose."""
     await anyio.sleep_forever()
     raise AssertionError("unreachable")
+
+
+def _kept_response(response: Response) -> Result | None:
+    """A plain answer, to be sent again by its id: one whole in memory (not an MP3)."""
+    body = getattr(response, "body", None)
+    if not isinstance(body, bytes):
+        return None
+    media_type = response.headers.get("content-type", "application/octet-stream")
+    return Result(response.status_code, media_type, body)
+
+
+def _kept_event(event: ServerSentEvent, status: int) -> Result:
+    """An answer given as events, sent again by its id as its last event's body: `done`'s
+    is the JSON answer itself, `error`'s the error body."""
+    body = json.dumps(event.data, separators=(",", ":")).encode()
+    return Result(status, "application/json", body)

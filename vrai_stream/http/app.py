@@ -89,6 +89,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Route("/metrics", counted("metrics", prometheus_metrics), methods=["GET"]),
             Route("/openapi.json", counted("openapi", openapi_document), methods=["GET"]),
             Route("/v1/transcriptions", routes.transcriptions, methods=["POST"]),
+            Route("/v1/transcriptions/{request_id}", routes.transcription_by_id, methods=["GET"]),
             Route("/v1/audio/transcriptions", routes.openai_transcriptions, methods=["POST"]),
             Route(
                 "/v1/uploads/{machine}/{upload_id}",

@@ -177,6 +177,7 @@ class RequestContext:
             admitted_at=self.admitted_at,
             idle_timeout_seconds=math.inf if self.upload else spec.idle_timeout_seconds,
         )
+        self.services.results.started(self.request_id, self.user_id)
         result = await self.services.pipeline.run(spec, audio, listener, watch=self._watch)
         if result.failure is not None:
             raise result.failure

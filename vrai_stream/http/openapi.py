@@ -411,6 +411,39 @@ def build_openapi() -> dict[str, Any]:
                 },
                 "options": _upload_options(),
             },
+            "/v1/transcriptions/{request_id}": {
+                "parameters": [
+                    {
+                        "name": "request_id",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string"},
+                    }
+                ],
+                "get": {
+                    "summary": "A finished answer again, by its `requestId`, to the user it is "
+                    "for, for `VRAI_RESULT_TTL_SECONDS` (kept by the machine that ran it).",
+                    "responses": {
+                        "200": {
+                            "description": "The answer as it was given; an answer given as "
+                            "events: the body of its `done` event",
+                            "content": {"application/json": {"schema": success_ref}},
+                        },
+                        "202": {
+                            "description": "The job is still running",
+                            "headers": {
+                                "Retry-After": {
+                                    "description": "Seconds before asking again",
+                                    "schema": {"type": "integer"},
+                                }
+                            },
+                        },
+                        **_error_responses(
+                            errors.NotFound, errors.Unauthorized, errors.AuthUnavailable
+                        ),
+                    },
+                },
+            },
             "/v1/uploads/{machine}/{upload_id}": _upload_resource(),
             "/trim-and-transcribe": _body_operation(
                 "Legacy: JSON body with the recording as base64 in `fileBlob`.",

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+from starlette.responses import JSONResponse, Response
+
 from vrai_stream import errors
 from vrai_stream.bodies.forms import BodyDecoder, Submission
 from vrai_stream.bodies.legacy_json import BLOB_FIELD, LegacyJsonDecoder
@@ -274,3 +276,23 @@ def _temperature(raw: str | None) -> float | None:
     if not 0 <= value <= 1:
         raise errors.InvalidParameters("temperature must be a number from 0 to 1")
     return value
+
+
+@endpoint("result", idempotent=False)
+async def transcription_by_id(context: RequestContext) -> Reply:
+    """`GET /v1/transcriptions/{requestId}`: a finished answer again, to the user it is for:
+    `202` while its job runs, `404` for an id unknown here or another user's."""
+    await context.authenticate()
+    request_id = context.request.path_params["request_id"]
+    held = context.services.results.find(request_id, context.user_id)
+    if held is None:
+        raise errors.NotFound(
+            "No answer with this id is kept for you here: it never was, it is another "
+            "user's, or its time to live is over"
+        )
+    if held.result is None:
+        retry = context.services.settings.retry_after_seconds
+        body = {"requestId": request_id, "status": "running"}
+        return JSONResponse(body, status_code=202, headers={"Retry-After": str(retry)})
+    kept = held.result
+    return Response(kept.body, status_code=kept.status, media_type=kept.media_type)
