@@ -13,8 +13,11 @@ from dataclasses import dataclass
 import anyio
 
 MAX_RESULTS = 10_000
-MAX_RESULT_BYTES = 4 * 1024 * 1024
-MAX_TOTAL_BYTES = 32 * 1024 * 1024
+MAX_RESULT_BYTES = 1024 * 1024
+"""A 3-hour transcript with its segments is about 200 kB: an answer beyond 1 MiB is not kept."""
+MAX_TOTAL_BYTES = 8 * 1024 * 1024
+"""A machine answers a few hundred notes an hour (5 kB each for 5 minutes of speech): 8 MiB
+keeps an hour of them, and stays small beside the memory plan's 768 MiB."""
 
 
 @dataclass(frozen=True)
