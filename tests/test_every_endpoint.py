@@ -134,7 +134,7 @@ def service(tmp_path_factory: pytest.TempPathFactory, upstream: FakeOpenAI) -> I
 
 @pytest.fixture(scope="module")
 def recording() -> bytes:
-    """11 s of real speech as 16 kHz WAV: big enough to cut in half, quick to transcribe."""
+    """9 s of real speech as 16 kHz WAV: big enough to cut in half, quick to transcribe."""
     return (SPEECH / "s04_librispeech_1995-1837-0001.wav").read_bytes()
 
 
@@ -209,6 +209,7 @@ async def test_an_upload_cut_halfway_and_resumed_gets_the_same_answer(
     assert cut.cut and cut.location, "the creation was not cut, or had no 104"
     where = await offset(cut.location, headers=headers)
     assert where.status == 204 and 0 < where.offset <= len(body) // 2
+    assert where.headers["x-request-id"], "the HEAD is an answer too"
     done = await append(cut.location, body[where.offset :], where.offset, headers=headers)
     assert done.status == 200, done.body
     assert way.outcome(done.body) == way.outcome(whole.content)
@@ -326,6 +327,7 @@ async def test_a_finished_answer_is_had_again_by_its_id_by_its_owner_only(
         )
         unknown = await client.get(f"/v1/transcriptions/{uuid.uuid4().hex}", headers=alice_only())
     assert again.status_code == 200, again.text
+    assert again.headers["x-request-id"] not in (request_id, ""), "the GET's own id"
     if way.name == "events":  # the `done` event's body: the JSON answer itself
         assert again.json() == parse_events(answer.text)[-1].data
     else:

@@ -151,6 +151,8 @@ class Answer(Response):
                 self._outcome = ("ok", 200)
                 self._kept = _kept_event(answer, 200)
             else:
+                # Every answer names its request; one sent again names the first.
+                answer.headers.setdefault("X-Request-Id", context.request_id)
                 events.answer(answer)
                 replayed = answer.headers.get("idempotent-replayed") == "true"
                 self._outcome = ("replayed" if replayed else "ok", answer.status_code)

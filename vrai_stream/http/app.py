@@ -36,12 +36,6 @@ from vrai_stream.telemetry import log_request
 
 logger = logging.getLogger("vrai_stream.http.app")
 
-AUDIO_PATHS = (
-    "/v1/transcriptions",
-    "/v1/audio/transcriptions",
-    "/trim-and-transcribe",
-    "/trim-and-transcribe-multipart",
-)
 JOB_CLEANUP_SECONDS = KILL_GRACE_SECONDS + 1.0
 """How long jobs cancelled at the end of the drain get to stop their ffmpeg and clean up."""
 
@@ -82,30 +76,33 @@ def create_app(settings: Settings | None = None) -> Starlette:
             with anyio.CancelScope(shield=True):
                 await services.aclose()
 
+    audio = [
+        Route("/v1/transcriptions", routes.transcriptions, methods=["POST"]),
+        Route("/v1/audio/transcriptions", routes.openai_transcriptions, methods=["POST"]),
+        Route("/trim-and-transcribe", routes.trim_and_transcribe, methods=["POST"]),
+        Route(
+            "/trim-and-transcribe-multipart",
+            routes.trim_and_transcribe_multipart,
+            methods=["POST"],
+        ),
+    ]
     return Starlette(
         routes=[
             Route("/", counted("page", page.index), methods=["GET"]),
             Route("/health", counted("health", health), methods=["GET"]),
             Route("/metrics", counted("metrics", prometheus_metrics), methods=["GET"]),
             Route("/openapi.json", counted("openapi", openapi_document), methods=["GET"]),
-            Route("/v1/transcriptions", routes.transcriptions, methods=["POST"]),
             Route("/v1/transcriptions/{request_id}", routes.transcription_by_id, methods=["GET"]),
-            Route("/v1/audio/transcriptions", routes.openai_transcriptions, methods=["POST"]),
             Route(
                 "/v1/uploads/{machine}/{upload_id}",
                 uploads.upload_resource,
                 methods=["HEAD", "PATCH", "DELETE"],
             ),
-            Route("/trim-and-transcribe", routes.trim_and_transcribe, methods=["POST"]),
-            Route(
-                "/trim-and-transcribe-multipart",
-                routes.trim_and_transcribe_multipart,
-                methods=["POST"],
-            ),
+            *audio,
             *(
                 # The resumable-upload draft: what an audio endpoint takes, before a POST.
-                Route(path, counted("options", uploads.options), methods=["OPTIONS"])
-                for path in AUDIO_PATHS
+                Route(route.path, counted("options", uploads.options), methods=["OPTIONS"])
+                for route in audio
             ),
         ],
         exception_handlers={HTTPException: http_error, Exception: unexpected_error},

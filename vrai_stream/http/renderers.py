@@ -66,7 +66,7 @@ class ContractAnswer:
         extra = await context.summarize(self._summary(), text)
         body = {**success_body(result), **extra}
         if not self._events:
-            return JSONResponse(body, headers={"X-Request-Id": context.request_id})
+            return JSONResponse(body)
         if extra:
             context.events.send(ServerSentEvent("summary", extra))
         return ServerSentEvent("done", body)
@@ -94,7 +94,6 @@ class OpenAIAnswer:
     async def render(self, context: RequestContext, result: JobResult) -> Reply:
         transcript = result.transcript or Transcript(text="")
         response = transcript_response(transcript, self._format, result.duration)
-        response.headers["X-Request-Id"] = context.request_id
         if result.truncated:
             response.headers["X-Truncated"] = "true"  # OpenAI's bodies have no field for it
         return response
