@@ -171,6 +171,53 @@ def stages(e2e: dict[str, Any], stem: str) -> Path:
     return _save(figure, stem, "stages")
 
 
+def capacity_plot(
+    steps: Sequence[dict[str, Any]], wait_limit: float, plan_bytes: int, path: Path
+) -> Path:
+    """`bench/capacity.py`: p95 (and p50) wait after the last byte and peak memory against
+    the phones at once, with the two limits the ramp stops at, so where it bent shows.
+
+    Each ramp (as deployed, then admission lifted) is its own line: their steps share N.
+    """
+    figure, waits = plt.subplots(figsize=(7.5, 4.8))
+    memory = waits.twinx()
+    for name, style in (("fly", "-"), ("open", "--")):
+        series = sorted((s for s in steps if s["ramp"] == name), key=lambda s: s["phones"])
+        if not series:
+            continue
+        x = [s["phones"] for s in series]
+        label = "as deployed" if name == "fly" else "admission lifted"
+        waits.plot(x, [s["p95_wait"] for s in series], style, marker="o", color="tab:red",
+                   label=f"p95 wait, {label}")  # fmt: skip
+        waits.plot(x, [s["p50_wait"] for s in series], style, marker=".", color="tab:orange",
+                   label=f"p50 wait, {label}")  # fmt: skip
+        memory.plot(x, [s["peak_tree_pss"] / MiB for s in series], style, marker="s",
+                    color="tab:blue", label=f"peak tree PSS, {label}")  # fmt: skip
+        memory.plot(x, [s["peak_tree_rss"] / MiB for s in series], style, marker="^",
+                    color="tab:cyan", label=f"peak tree RSS, {label}")  # fmt: skip
+    waits.axhline(wait_limit, color="tab:red", linewidth=0.8, linestyle=":")
+    memory.axhline(plan_bytes / MiB, color="tab:blue", linewidth=0.8, linestyle=":")
+    every = sorted({s["phones"] for s in steps})
+    waits.set_xscale("log", base=2)
+    waits.set_xticks(every, [str(n) for n in every])
+    waits.minorticks_off()
+    waits.set_xlabel("phones uploading at once (log scale)")
+    waits.set_ylabel(f"wait after the last byte, s (limit {wait_limit:.2f} s dotted)")
+    memory.set_ylabel(f"peak memory of the server's tree, MiB (plan {plan_bytes / MiB:.0f} dotted)")
+    # Both limits stay in view, however far below them the points are.
+    waits.set_ylim(0, max([wait_limit, *(s["p95_wait"] for s in steps)]) * 1.15)
+    memory.set_ylim(0, max([plan_bytes, *(s["peak_tree_rss"] for s in steps)]) / MiB * 1.1)
+    waits.set_title("Phones at once: wait after the last byte and memory")
+    waits.grid(True, alpha=0.3)
+    handles = [h for axes in (waits, memory) for h in axes.get_legend_handles_labels()[0]]
+    waits.legend(handles=handles, fontsize=7, loc="upper left")
+    figure.tight_layout()
+    RESULTS_DIR.mkdir(exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
 def plot_all(summary: dict[str, Any], stem: str) -> list[Path]:
     """Every plot the summary has data for; returns the files written."""
     paths = []
