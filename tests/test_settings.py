@@ -382,3 +382,36 @@ async def test_unwritable_tmp_dir_falls_back_to_the_system_one(
     assert server.open_temp_files(system_tmp) == []
     warnings = [entry for entry in server.logs() if entry.get("level") == "warning"]
     assert len(warnings) == 1, "the fallback is announced once, not per request"
+
+
+@pytest.mark.parametrize(
+    "secret",
+    [
+        "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",  # base64 without the prefix
+        "whsec_" + "c2hvcnQ=",  # 5 bytes: too short a key
+        "whsec_not*base64*at*all*not*base64*at*all",
+    ],
+)
+def test_a_webhook_secret_of_another_form_is_refused_without_showing_it(secret: str) -> None:
+    with pytest.raises(SettingsError, match="VRAI_WEBHOOK_SECRET must be whsec_") as raised:
+        Settings.from_env({"VRAI_WEBHOOK_SECRET": secret})
+    assert secret not in str(raised.value)
+    assert secret[-12:] not in str(raised.value)
+
+
+def test_webhook_settings_are_read() -> None:
+    secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+    settings = Settings.from_env(
+        {
+            "VRAI_WEBHOOK_SECRET": secret,
+            "VRAI_WEBHOOK_ALLOWED_HOSTS": "Hooks.Example.com., *.example.org, [FD00::7], *",
+            "VRAI_WEBHOOK_MAX_ATTEMPTS": "4",
+        }
+    )
+    assert settings.webhook_secret == secret
+    assert secret not in repr(settings)
+    assert settings.webhook_allowed_hosts == ("hooks.example.com", "*.example.org", "fd00::7", "*")
+    assert settings.webhook_max_attempts == 4
+    for hosts in ("*.10.0.0.1", "hooks.example.com/path", "http://a.com", "*.", "a..b"):
+        with pytest.raises(SettingsError, match="VRAI_WEBHOOK_ALLOWED_HOSTS must be hosts"):
+            Settings.from_env({"VRAI_WEBHOOK_ALLOWED_HOSTS": hosts})

@@ -243,6 +243,13 @@ class IdempotencyKeyInUse(RefusedRequest):
     status, code = 409, "idempotency_key_in_use"
 
 
+class CallbackNotAllowed(RefusedRequest):
+    """A `callbackUrl` this server will not POST to: not http(s), a host not allowed, an
+    address inside a private network, or no webhook secret configured."""
+
+    status, code = 400, "callback_not_allowed"
+
+
 ALL_ERRORS: tuple[type[ServiceError], ...] = (
     InvalidHttp,
     HeadersTooLarge,
@@ -281,6 +288,7 @@ ALL_ERRORS: tuple[type[ServiceError], ...] = (
     UploadOffsetMismatch,
     IdempotencyKeyReused,
     IdempotencyKeyInUse,
+    CallbackNotAllowed,
 )
 
 

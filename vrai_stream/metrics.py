@@ -68,3 +68,17 @@ UPLOADS_ENDED = Counter(
 IDEMPOTENT_REPLAYS = Counter(
     "vrai_idempotent_replays", "Requests answered again from an Idempotency-Key", registry=REGISTRY
 )
+WEBHOOK_ATTEMPTS = Counter(
+    "vrai_webhook_attempts",
+    "Webhook POSTs by result: 2xx, 3xx, 4xx, 5xx, timeout, error (no connection), refused "
+    "(the callback's address was not allowed when connecting)",
+    ["result"],
+    registry=REGISTRY,
+)
+WEBHOOKS = Counter(
+    "vrai_webhooks",
+    "Webhooks by outcome: delivered, given_up (attempts spent, or 410 Gone), abandoned "
+    "(the server stopped first), dropped (too many pending)",
+    ["outcome"],
+    registry=REGISTRY,
+)

@@ -22,6 +22,7 @@ from vrai_stream.uploads.idempotency import IdempotencyKeys
 from vrai_stream.uploads.registry import MACHINE_ID, Uploads
 from vrai_stream.uploads.results import Results
 from vrai_stream.warmup import Lazy
+from vrai_stream.webhooks.delivery import Webhooks
 
 logger = logging.getLogger("vrai_stream.services")
 
@@ -49,6 +50,7 @@ class Services:
     uploads: Uploads
     idempotency: IdempotencyKeys
     results: Results
+    webhooks: Webhooks
 
     @classmethod
     def create(cls, settings: Settings, ffmpeg: str) -> Services:
@@ -86,6 +88,7 @@ class Services:
             ),
             idempotency=IdempotencyKeys(settings.idempotency_ttl_seconds),
             results=Results(settings.result_ttl_seconds),
+            webhooks=Webhooks(settings),
         )
 
     @property
@@ -96,5 +99,6 @@ class Services:
         await self.debug.aclose()
         await self.summarizer.aclose()
         await self.auth.aclose()
+        await self.webhooks.aclose()
         if self.transcriber.ready:
             await (await self.transcriber.get()).aclose()

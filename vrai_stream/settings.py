@@ -9,8 +9,11 @@ metadata), so a knob's default, its limits and its variable cannot drift apart.
 
 from __future__ import annotations
 
+import base64
+import ipaddress
 import math
 import os
+import re
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -140,6 +143,41 @@ def _names(text: str) -> tuple[str, ...]:
     if len(set(names)) < len(names):
         raise ValueError("must not name an entry twice")
     return names
+
+
+_LABEL = r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?"
+_HOSTNAME = re.compile(rf"{_LABEL}(\.{_LABEL})*")
+
+
+def _host_patterns(text: str) -> tuple[str, ...]:
+    """`api.example.com, *.example.com, *` -> lower-cased hosts, `*.` suffixes, or `*`; an
+    IPv6 address may be bracketed (`webhooks.destinations` says what each one allows)."""
+    patterns = []
+    for name in _names(text.lower()):
+        wildcard = "*." if name.startswith("*.") else ""
+        host = name.removeprefix(wildcard).removeprefix("[").removesuffix("]").removesuffix(".")
+        try:
+            host = str(ipaddress.ip_address(host))  # one spelling of each address
+            named = not wildcard
+        except ValueError:
+            named = name == "*" or (len(host) <= 253 and bool(_HOSTNAME.fullmatch(host)))
+        if not named:
+            raise ValueError(
+                "must be hosts (punycode for other scripts), *.domain patterns or *, "
+                "separated by commas"
+            )
+        patterns.append(name if name == "*" else wildcard + host)
+    return tuple(patterns)
+
+
+def _is_whsec(secret: str) -> bool:
+    """Standard Webhooks' form of a signing secret: `whsec_` and the base64 of 24 to 64
+    random bytes."""
+    try:
+        key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+    except ValueError:
+        return False
+    return secret.startswith("whsec_") and 24 <= len(key) <= 64
 
 
 def choice(name: str, allowed: tuple[str, ...], *, auto: bool = False) -> dict[str, Variable]:
@@ -362,6 +400,23 @@ class Settings:
         default=10.0, metadata=number("VRAI_DEBUG_S3_TIMEOUT_SECONDS", minimum=0.1)
     )
 
+    # Webhooks: a request's answer POSTed to its `callbackUrl`
+    webhook_secret: Secret | None = field(
+        default=None, metadata=text("VRAI_WEBHOOK_SECRET", kind=Secret)
+    )
+    webhook_allowed_hosts: tuple[str, ...] = field(
+        default=(), metadata=text("VRAI_WEBHOOK_ALLOWED_HOSTS", kind=_host_patterns)
+    )
+    webhook_max_attempts: int = field(
+        default=6, metadata=integer("VRAI_WEBHOOK_MAX_ATTEMPTS", minimum=1, maximum=20)
+    )
+    webhook_timeout_seconds: float = field(
+        default=15.0, metadata=number("VRAI_WEBHOOK_TIMEOUT_SECONDS", minimum=0.1, maximum=120)
+    )
+    webhook_backoff_seconds: float = field(
+        default=1.0, metadata=number("VRAI_WEBHOOK_BACKOFF_SECONDS", minimum=0, maximum=300)
+    )
+
     # Authentication: built from `_AuthVariables`
     auth: AuthConfig = field(default_factory=AuthConfig)
 
@@ -410,6 +465,12 @@ class Settings:
         if buffer_bytes is not None and buffer_bytes < part_bytes:
             raise SettingsError(
                 f"VRAI_DEBUG_BUFFER_BYTES must be at least {part_bytes}, got {buffer_bytes}"
+            )
+        secret = values.get("webhook_secret")
+        if secret is not None and not _is_whsec(secret):
+            raise SettingsError(  # the value itself is never shown
+                "VRAI_WEBHOOK_SECRET must be whsec_ followed by the base64 of 24 to 64 random "
+                "bytes (Standard Webhooks' form)"
             )
         return cls(**values)
 

@@ -127,6 +127,9 @@ class Answer(Response):
         if context.result is not None:  # a job ran: its answer can be asked for by its id
             ended = status != 499 and not self._client_gone and self._outcome[0] != "cancelled"
             context.services.results.finished(context.request_id, self._kept if ended else None)
+        if context.callback is not None and context.body_started and self._outcome[0] != "replayed":
+            # The backend learns how it ended, whether or not the client stayed for it.
+            context.services.webhooks.send(context.callback, context.request_id, status, self._kept)
 
     async def _run(self) -> None:
         """The handler, and what becomes of its outcome: the last event, or a plain answer."""
@@ -170,6 +173,8 @@ class Answer(Response):
     async def _answer(self) -> Reply:
         """The handler's answer, or the first answer again for a repeated key."""
         context = self._context
+        if self._idempotent:  # the audio endpoints, which take a callbackUrl too
+            await context.check_callback()
         if self._idempotent and "idempotency-key" in context.request.headers:
             repeat = await idempotency.claim(context)
             if repeat is not None:

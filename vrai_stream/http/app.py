@@ -58,6 +58,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 background.start_soon(services.auth.warm_up)
                 background.start_soon(trim_when_idle, services.admission)
                 services.debug.start(background)
+                services.webhooks.start(background)
                 try:
                     yield
                 finally:
@@ -71,6 +72,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                     # Requests have drained; give their debug uploads the same grace.
                     with anyio.move_on_after(settings.drain_seconds):
                         await services.debug.wait_idle()
+                        await services.webhooks.wait_idle()  # and their webhooks
                     background.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):

@@ -32,6 +32,7 @@ from vrai_stream.settings import ANONYMOUS
 from vrai_stream.speech.summarize import SummarizationType
 from vrai_stream.uploads.idempotency import Entry, Fingerprint
 from vrai_stream.uploads.session import UploadSession
+from vrai_stream.webhooks.destinations import Destination
 
 ErrorStyle = Literal["service", "openai"]
 REQUEST_ID_EXTENSION = "vrai.request_id"
@@ -68,6 +69,8 @@ class RequestContext:
         """The resumable upload this request began, when its client speaks the draft."""
         self.key_entry: Entry | None = None
         """This request's `Idempotency-Key`, when it is the first to use it."""
+        self.callback: Destination | None = None
+        """Where the answer is POSTed too (`callbackUrl`), once vetted."""
         self.fingerprint: Fingerprint | None = None
         """The request's hash as its body streams, when it carries an `Idempotency-Key`."""
         self.feeders: TaskGroup | None = None
@@ -101,12 +104,23 @@ class RequestContext:
             self.admitted_at = anyio.current_time()
             yield
 
+    async def check_callback(self) -> None:
+        """Vet the `callbackUrl`, if any, before the body is read (after authentication: a
+        caller without a token learns that first)."""
+        urls = self.request.query_params.getlist("callbackUrl")
+        if not urls:
+            return
+        await self.authenticate()
+        if len(urls) > 1:
+            raise errors.CallbackNotAllowed("Give one callbackUrl")
+        self.callback = await self.services.webhooks.vet(urls[0])
+
     @property
     def answer_outlives_connection(self) -> bool:
         """Someone other than this connection may collect the answer: a retry with the same
-        key, or the request that resumes the upload.  The job then runs to its end even if
-        this client leaves after its last byte."""
-        return self.key_entry is not None or self.upload is not None
+        key, the request that resumes the upload, or the `callbackUrl`.  The job then runs to
+        its end even if this client leaves after its last byte."""
+        return self.key_entry is not None or self.upload is not None or self.callback is not None
 
     def body(self) -> AsyncIterator[bytes]:
         """The body, read once the request is authenticated and admitted.

@@ -62,6 +62,7 @@ _BODY_ERRORS = (
     errors.TranscriptionTimeout,
     errors.DiskFull,
     errors.InternalError,
+    errors.CallbackNotAllowed,
 )
 
 _RAW_ERRORS = (*_BODY_ERRORS, errors.BodyNotAudio)
@@ -123,6 +124,19 @@ def _model_parameters() -> list[dict[str, Any]]:
     ]
 
 
+def _callback_parameter() -> dict[str, Any]:
+    """`callbackUrl`, taken by every audio endpoint in its query string."""
+    return {
+        "name": "callbackUrl",
+        "in": "query",
+        "description": "Also POST the answer here when the job ends, signed as Standard "
+        "Webhooks sign (`webhook-id`, `webhook-timestamp`, `webhook-signature`), even if the "
+        "client has left after its last byte. Only to hosts the server allows, on public "
+        "addresses unless listed exactly; else `callback_not_allowed`.",
+        "schema": {"type": "string", "format": "uri", "maxLength": 2048},
+    }
+
+
 def _legacy_fields() -> dict[str, Any]:
     return {
         "fromTime": {"type": ["number", "string"]},
@@ -142,6 +156,7 @@ def _body_operation(
     return {
         "post": {
             "summary": summary,
+            "parameters": [_callback_parameter()],
             "requestBody": {"required": True, "content": {media_type: {"schema": schema}}},
             "responses": {
                 "200": {"description": "The transcript", "content": answers},
@@ -385,7 +400,11 @@ def build_openapi() -> dict[str, Any]:
             "/v1/transcriptions": {
                 "post": {
                     "summary": "Transcribe a window of the recording sent as the raw body.",
-                    "parameters": [*_window_parameters(), *_model_parameters()],
+                    "parameters": [
+                        *_window_parameters(),
+                        *_model_parameters(),
+                        _callback_parameter(),
+                    ],
                     "requestBody": {
                         "required": True,
                         "content": {

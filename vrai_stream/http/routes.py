@@ -34,7 +34,15 @@ from vrai_stream.speech.languages import WHISPER_LANGUAGES, language_code
 from vrai_stream.speech.summarize import SummarizationType
 from vrai_stream.speech.transcribers.base import TranscribeOptions
 
-RAW_QUERY = ("fromTime", "toTime", "summarizationType", "language", "prompt", "keywords")
+RAW_QUERY = (
+    "fromTime",
+    "toTime",
+    "summarizationType",
+    "language",
+    "prompt",
+    "keywords",
+    "callbackUrl",  # vetted by the answer (`RequestContext.check_callback`)
+)
 
 
 @endpoint("transcriptions")
@@ -50,6 +58,10 @@ async def transcriptions(context: RequestContext) -> Reply:
     window = parse_window(query, max_window_seconds=settings.max_window_seconds)
     accept = request.headers.get("accept", "")
     want_mp3 = "audio/mpeg" in accept
+    if want_mp3 and context.callback is not None:
+        raise errors.InvalidParameters(
+            "callbackUrl delivers a JSON answer: it cannot carry the MP3 of Accept: audio/mpeg"
+        )
     summary = SummarizationType.parse(query.get("summarizationType"))
     if not want_mp3:
         context.services.summarizer.check(summary)
