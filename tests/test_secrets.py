@@ -2,8 +2,9 @@
 
 Two servers at `VRAI_LOG_LEVEL=debug`, configured with distinctive secrets (an OpenAI key, an
 AWS access key id and secret key, a static bearer token made by `python -m vrai_stream.auth
-new-token`, and JWTs signed for a `jwt`-mode server), take a full set of requests: successes on
-every endpoint (S3 debug copies stored, summaries), every kind of auth failure (missing, wrong,
+new-token`, a webhook signing secret, and JWTs signed for a `jwt`-mode server), take a full set
+of requests: successes on every endpoint (S3 debug copies stored, summaries, a webhook, whose
+delivery is searched too), every kind of auth failure (missing, wrong,
 truncated, too long, a Basic header, a JWT where a static token is expected and the reverse,
 expired, wrong audience, unknown key, forged signature), an upstream that refuses the key
 (OpenAI's 401 names the key it was given) or fails with the key in its message, and an S3
@@ -44,6 +45,7 @@ from .support.fake_openai import CHAT_PATH, FakeOpenAI
 from .support.jwks_server import JwksServer, SigningKey, claims_from
 from .support.s3_server import MotoServer, new_bucket, s3_client, s3_env, start_moto, wait_ready
 from .support.server import Server, start_servers
+from .support.webhook_receiver import WebhookReceiver
 
 pytestmark = pytest.mark.anyio
 
@@ -52,6 +54,8 @@ AWS_KEY_ID = "AKIA" + "".join(
     secrets.choice(string.ascii_uppercase + string.digits) for _ in range(16)
 )
 AWS_SECRET = secrets.token_urlsafe(30)[:40]
+WEBHOOK_KEY = base64.b64encode(secrets.token_bytes(32)).decode()
+WEBHOOK_SECRET = f"whsec_{WEBHOOK_KEY}"
 ISSUER = "https://issuer.secrets.vrai.example"
 AUDIENCE = "vrai-secrets-test"
 ENDPOINT = "/v1/transcriptions"
@@ -89,6 +93,8 @@ class World:
     jwts: dict[str, str]
     """Every JWT the tests send, valid or not: none of them may leak."""
     haystacks: list[tuple[str, bytes]] = field(default_factory=list)
+    receiver: WebhookReceiver = field(default_factory=WebhookReceiver)
+    """Where the token server's webhooks go: what it receives is searched too."""
     """(where, what): every response and log the secrets are searched in."""
 
     def configured_secrets(self) -> dict[str, str]:
@@ -97,6 +103,8 @@ class World:
             "AWS_SECRET_ACCESS_KEY": AWS_SECRET,
             "AWS_ACCESS_KEY_ID": AWS_KEY_ID,
             "static bearer token": self.token,
+            "VRAI_WEBHOOK_SECRET": WEBHOOK_SECRET,
+            "VRAI_WEBHOOK_SECRET's key": WEBHOOK_KEY,
         }
         for name, token in self.jwts.items():
             found[f"JWT ({name})"] = token
@@ -142,6 +150,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                             **common,
                             "VRAI_AUTH": "token",
                             "VRAI_AUTH_TOKENS": entry,
+                            "VRAI_WEBHOOK_SECRET": WEBHOOK_SECRET,
+                            "VRAI_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1",
                         },
                     ),
                     "jwt": (
@@ -162,7 +172,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             try:
                 for server in servers.values():
                     wait_ready(server)
-                yield World(servers["token"], servers["jwt"], fake, token, valid, jwts)
+                world = World(servers["token"], servers["jwt"], fake, token, valid, jwts)
+                yield world
+                world.receiver.stop()
             finally:
                 for server in servers.values():
                     server.stop()
@@ -260,6 +272,14 @@ async def token_server_requests(world: World, audio: bytes) -> None:
         undecodable = await call(world, client, "undecodable", "POST", ENDPOINT,
                                  content=GARBAGE, headers=ok, expected=422)  # fmt: skip
         assert undecodable.json().get("debugFiles"), "no debug links: the S3 path went untested"
+
+        # Webhooks signed with VRAI_WEBHOOK_SECRET; one the server refuses to send.
+        hooked = f"{ENDPOINT}?fromTime=0&toTime=8&callbackUrl={world.receiver.url}/hook"
+        await call(world, client, "callbackUrl", "POST", hooked, content=audio, headers=ok,
+                   expected=200)  # fmt: skip
+        await call(world, client, "callbackUrl refused", "POST",
+                   f"{ENDPOINT}?callbackUrl=http://127.0.0.2/hook", content=audio, headers=ok,
+                   expected=400)  # fmt: skip
 
         # The upstream refuses the key: OpenAI's 401 message names the key it was given.
         fake.api_key = "sk-someone-elses-key"
@@ -372,7 +392,12 @@ async def test_no_secret_in_any_log_line_response_or_header(world: World, media:
     for name, text in logs.items():
         assert b'"level": "debug"' in text, f"{name}: no debug line at VRAI_LOG_LEVEL=debug"
     assert b"InvalidAccessKeyId" in logs["JWT server's log"], "S3 never refused the credentials"
-    haystacks = [*world.haystacks, *logs.items()]
+    delivered = world.receiver.wait_for("/hook")
+    webhooks = [
+        (f"webhook {n}", json.dumps(hook.headers).encode() + b"\n\n" + hook.body)
+        for n, hook in enumerate(delivered)
+    ]
+    haystacks = [*world.haystacks, *logs.items(), *webhooks]
     print(
         f"searched {len(haystacks)} places, {sum(len(text) for _, text in haystacks)} bytes "
         f"(logs: {', '.join(f'{n} {len(t)} B' for n, t in logs.items())})"
