@@ -181,6 +181,12 @@ class Busy(RefusedRequest):
     status, code = 503, "busy"
 
 
+class SharedStateUnavailable(RefusedRequest):
+    """The bucket holding what every machine shares did not answer."""
+
+    status, code = 503, "state_unavailable"
+
+
 class TranscriberUnavailable(ServiceError):
     status, code = 503, "transcriber_unavailable"
 
@@ -289,6 +295,7 @@ ALL_ERRORS: tuple[type[ServiceError], ...] = (
     IdempotencyKeyReused,
     IdempotencyKeyInUse,
     CallbackNotAllowed,
+    SharedStateUnavailable,
 )
 
 

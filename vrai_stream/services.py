@@ -18,6 +18,7 @@ from vrai_stream.speech.summarize import Summarizer
 from vrai_stream.speech.transcribers import create_transcriber
 from vrai_stream.speech.transcribers.base import Transcriber
 from vrai_stream.spool import Budget, usable_tmp_dir
+from vrai_stream.state.shared import SharedState, create_shared_state
 from vrai_stream.uploads.idempotency import IdempotencyKeys
 from vrai_stream.uploads.registry import MACHINE_ID, Uploads
 from vrai_stream.uploads.results import Results
@@ -51,6 +52,8 @@ class Services:
     idempotency: IdempotencyKeys
     results: Results
     webhooks: Webhooks
+    state: SharedState | None
+    """Keys and answers every machine sees, in the bucket; None: they stay on this machine."""
 
     @classmethod
     def create(cls, settings: Settings, ffmpeg: str) -> Services:
@@ -89,6 +92,7 @@ class Services:
             idempotency=IdempotencyKeys(settings.idempotency_ttl_seconds),
             results=Results(settings.result_ttl_seconds),
             webhooks=Webhooks(settings),
+            state=create_shared_state(settings),
         )
 
     @property
@@ -97,6 +101,8 @@ class Services:
 
     async def aclose(self) -> None:
         await self.debug.aclose()
+        if self.state is not None:
+            await self.state.aclose()
         await self.summarizer.aclose()
         await self.auth.aclose()
         await self.webhooks.aclose()

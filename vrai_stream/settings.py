@@ -284,6 +284,15 @@ class Settings:
         default=3600.0, metadata=number("VRAI_RESULT_TTL_SECONDS", minimum=0)
     )
 
+    # State shared by every machine: idempotency claims and answers by id
+    state_bucket: str | None = field(default=None, metadata=text("VRAI_STATE_BUCKET"))
+    state_lease_seconds: float = field(
+        default=30.0, metadata=number("VRAI_STATE_LEASE_SECONDS", minimum=1, maximum=3600)
+    )
+    state_timeout_seconds: float = field(
+        default=5.0, metadata=number("VRAI_STATE_TIMEOUT_SECONDS", minimum=0.1)
+    )
+
     # ffmpeg and spools
     ffmpeg: str | None = field(default=None, metadata=text("VRAI_FFMPEG"))
     mp3_bitrate_kbps: int = field(
@@ -466,6 +475,7 @@ class Settings:
             raise SettingsError(
                 f"VRAI_DEBUG_BUFFER_BYTES must be at least {part_bytes}, got {buffer_bytes}"
             )
+
         secret = values.get("webhook_secret")
         if secret is not None and not _is_whsec(secret):
             raise SettingsError(  # the value itself is never shown

@@ -130,9 +130,16 @@ def multipart_uploads(client: Any, bucket: str) -> list[dict[str, Any]]:
 
 
 def objects(client: Any, bucket: str) -> dict[str, int]:
-    """Every key in the bucket and its size."""
+    """Every debug copy in the bucket and its size: the shared state the service keeps in
+    the same bucket (`state/`, see `state_records`) is not one."""
     listing = client.list_objects_v2(Bucket=bucket).get("Contents", [])
-    return {item["Key"]: item["Size"] for item in listing}
+    return {item["Key"]: item["Size"] for item in listing if not item["Key"].startswith("state/")}
+
+
+def state_records(client: Any, bucket: str) -> list[str]:
+    """The keys of the records the service shares between machines (`vrai_stream.state`)."""
+    listing = client.list_objects_v2(Bucket=bucket, Prefix="state/").get("Contents", [])
+    return [item["Key"] for item in listing]
 
 
 def read_object(client: Any, bucket: str, key: str) -> bytes:

@@ -10,9 +10,7 @@ never waits for S3.  Endpoint and credentials come from the standard `AWS_*` var
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import importlib
 import logging
 import random
 from collections.abc import Callable, Coroutine
@@ -23,7 +21,9 @@ import anyio.abc
 import anyio.to_thread
 
 from vrai_stream import metrics
+from vrai_stream.background import BackgroundWork
 from vrai_stream.debug_store.base import CopyContext, DebugCopies, InputFormat, Keys, metadata
+from vrai_stream.s3_client import LazyS3Client, describe_error
 from vrai_stream.settings import Settings
 from vrai_stream.spool import Budget, FileSpool
 
@@ -47,58 +47,22 @@ class S3Store:
         self.tmp_dir = settings.tmp_dir
         self.hold_budget = Budget(settings.debug_hold_bytes)
         self._timeout_seconds = settings.debug_s3_timeout_seconds
-        self._client: Any = None
-        self._client_lock = anyio.Lock()
-        self._exit_stack = contextlib.AsyncExitStack()
-        self._background: anyio.abc.TaskGroup | None = None
-        self._pending = 0
-        self._idle = anyio.Event()
-        self._idle.set()
+        self._client = LazyS3Client(settings.debug_s3_timeout_seconds)
+        self._work = BackgroundWork()
 
     def start(self, background: anyio.abc.TaskGroup) -> None:
         """Run uploads in `background`, which outlives requests; check the bucket once."""
-        self._background = background
+        self._work.start(background)
         background.start_soon(self._check_bucket)
 
     def spawn(self, job: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        assert self._background is not None, "S3Store.start() was not called"
-        if self._pending == 0:
-            self._idle = anyio.Event()
-        self._pending += 1
-
-        async def tracked() -> None:
-            try:
-                await job()
-            finally:
-                self._pending -= 1
-                if self._pending == 0:
-                    self._idle.set()
-
-        self._background.start_soon(tracked)
+        self._work.spawn(job)
 
     async def wait_idle(self) -> None:
-        await self._idle.wait()
+        await self._work.wait_idle()
 
     async def client(self) -> Any:
-        """The S3 client, created on first use: importing aioboto3 takes half a second."""
-        if self._client is None:
-            async with self._client_lock:
-                if self._client is None:
-                    aioboto3 = await anyio.to_thread.run_sync(importlib.import_module, "aioboto3")
-                    config_module = await anyio.to_thread.run_sync(
-                        importlib.import_module, "aiobotocore.config"
-                    )
-                    config = config_module.AioConfig(
-                        connect_timeout=self._timeout_seconds,
-                        read_timeout=self._timeout_seconds,
-                        retries={"max_attempts": 3, "mode": "standard"},
-                        signature_version="s3v4",
-                    )
-                    session = aioboto3.Session()
-                    self._client = await self._exit_stack.enter_async_context(
-                        session.client("s3", config=config)
-                    )
-        return self._client
+        return await self._client.get()
 
     async def _check_bucket(self) -> None:
         try:
@@ -108,7 +72,7 @@ class S3Store:
         except Exception as exc:
             logger.warning(
                 "debug bucket is not reachable; debug copies will fail until it is",
-                extra={"bucket": self.bucket, "error": _describe(exc)},
+                extra={"bucket": self.bucket, "error": describe_error(exc)},
             )
         else:
             logger.info("debug bucket reachable", extra={"bucket": self.bucket})
@@ -129,7 +93,7 @@ class S3Store:
         )
 
     async def aclose(self) -> None:
-        await self._exit_stack.aclose()
+        await self._client.aclose()
 
 
 class _Abandoned(Exception):
@@ -249,7 +213,9 @@ class StreamingUpload:
         except _Abandoned:
             pass
         except Exception as exc:
-            logger.warning("debug copy failed", extra={"key": self.key, "error": _describe(exc)})
+            logger.warning(
+                "debug copy failed", extra={"key": self.key, "error": describe_error(exc)}
+            )
             metrics.DEBUG_COPIES.labels(copy=self._what, outcome="failed").inc()
         finally:
             self._buffer.clear()
@@ -298,7 +264,7 @@ class StreamingUpload:
                     )
                     return
                 except Exception as exc:
-                    error = _describe(exc)
+                    error = describe_error(exc)
                     if "NoSuchUpload" in error:
                         return
                 await anyio.sleep(delay)
@@ -344,7 +310,7 @@ class _Copy:
         try:
             self.held = FileSpool(disk=store.hold_budget, tmp_dir=store.tmp_dir, suffix=".held")
         except OSError as exc:
-            logger.warning(f"cannot hold the {what} copy", extra={"error": _describe(exc)})
+            logger.warning(f"cannot hold the {what} copy", extra={"error": describe_error(exc)})
 
     def offer(self, chunk: bytes) -> None:
         if self.upload is not None:
@@ -496,7 +462,7 @@ class S3Copies:
             await client.delete_object(Bucket=self._store.bucket, Key=upload.key)
         except Exception as exc:
             logger.warning(
-                "debug copy not discarded", extra={"key": upload.key, "error": _describe(exc)}
+                "debug copy not discarded", extra={"key": upload.key, "error": describe_error(exc)}
             )
 
     async def _stamp_success(self) -> None:
@@ -551,7 +517,7 @@ class S3Copies:
                 for which, key in wanted.items()
             }
         except Exception as exc:
-            logger.warning("could not sign debug links", extra={"error": _describe(exc)})
+            logger.warning("could not sign debug links", extra={"error": describe_error(exc)})
             return None
 
     async def _copy(self, source: str, target: str, content_type: str, outcome: str) -> None:
@@ -566,7 +532,9 @@ class S3Copies:
                 Metadata=metadata(self._context, self._layout, outcome),
             )
         except Exception as exc:
-            logger.warning("debug copy not kept", extra={"key": target, "error": _describe(exc)})
+            logger.warning(
+                "debug copy not kept", extra={"key": target, "error": describe_error(exc)}
+            )
             metrics.DEBUG_COPIES.labels(copy="error", outcome="failed").inc()
 
     async def _put_file(self, held: FileSpool, key: str, content_type: str, code: str) -> None:
@@ -583,18 +551,8 @@ class S3Copies:
                     },
                 )
         except Exception as exc:
-            logger.warning("debug copy not kept", extra={"key": key, "error": _describe(exc)})
+            logger.warning("debug copy not kept", extra={"key": key, "error": describe_error(exc)})
             metrics.DEBUG_COPIES.labels(copy="error", outcome="failed").inc()
-
-
-def _describe(exc: BaseException) -> str:
-    """An exception for a log line: its type and S3's error code, never a credential."""
-    response = getattr(exc, "response", None)
-    if isinstance(response, dict):
-        code = response.get("Error", {}).get("Code")
-        if code:
-            return f"{type(exc).__name__}: {code}"
-    return type(exc).__name__
 
 
 def lifecycle_rules(prefix: str, expire_days: int) -> dict[str, Any]:

@@ -39,6 +39,8 @@ from vrai_stream.http import idempotency
 from vrai_stream.http.context import ErrorStyle, RequestContext
 from vrai_stream.http.events import HEARTBEAT, ServerSentEvent
 from vrai_stream.http.request_log import record
+from vrai_stream.state.answers import StoredAnswer
+from vrai_stream.state.claims import KeptAnswer
 from vrai_stream.uploads.recorded import RecordedAnswer
 from vrai_stream.uploads.results import Result
 
@@ -114,22 +116,52 @@ class Answer(Response):
             record(self._context, code=outcome[0], status=outcome[1])
 
     def _settle(self, status: int) -> None:
-        """The answer is over: a kept key's repeats, and a resumed upload's request, learn it."""
+        """The answer is over: a kept key's repeats, and a resumed upload's request, learn it;
+        so does the shared bucket, for other machines."""
         context = self._context
+        services = context.services
+        kept_key: KeptAnswer | None = None
         if context.key_entry is not None:
             key = context.key_entry
             context.key_entry = None
             key.answer.finish()
-            context.services.idempotency.settle(key, status)
+            services.idempotency.settle(key, status)
+            recorded = key.answer
+            if key.kept and recorded.status is not None and key.fingerprint is not None:
+                kept_key = KeptAnswer(
+                    context.request_id,
+                    key.fingerprint,
+                    recorded.status,
+                    recorded.headers,
+                    recorded.body,
+                )
         if context.upload is not None:
             context.upload.job_over()
-            context.services.uploads.forget(context.upload)
+            services.uploads.forget(context.upload)
+        kept: Result | None = None
         if context.result is not None:  # a job ran: its answer can be asked for by its id
             ended = status != 499 and not self._client_gone and self._outcome[0] != "cancelled"
-            context.services.results.finished(context.request_id, self._kept if ended else None)
+            kept = self._kept if ended else None
+            services.results.finished(context.request_id, kept)
+        self._settle_shared(kept_key, kept)
         if context.callback is not None and context.body_started and self._outcome[0] != "replayed":
             # The backend learns how it ended, whether or not the client stayed for it.
             context.services.webhooks.send(context.callback, context.request_id, status, self._kept)
+
+    def _settle_shared(self, key: KeptAnswer | None, kept: Result | None) -> None:
+        """Leave the key's answer and the job's answer in the shared bucket, if any: in the
+        background, as nothing here waits for it (a retry elsewhere waits for the key)."""
+        context = self._context
+        state = context.services.state
+        claim, job = context.shared_claim, context.shared_job
+        context.shared_claim = context.shared_job = None
+        if state is None:
+            return
+        if claim is not None:
+            state.work.spawn(functools.partial(state.keys.settle, claim, key))
+        if job is not None:
+            stored = None if kept is None else StoredAnswer(kept.status, kept.media_type, kept.body)
+            state.answers.finished(job, stored)
 
     async def _run(self) -> None:
         """The handler, and what becomes of its outcome: the last event, or a plain answer."""

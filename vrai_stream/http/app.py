@@ -59,6 +59,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 background.start_soon(trim_when_idle, services.admission)
                 services.debug.start(background)
                 services.webhooks.start(background)
+                if services.state is not None:
+                    services.state.start(background)
                 try:
                     yield
                 finally:
@@ -69,10 +71,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
                     with anyio.move_on_after(JOB_CLEANUP_SECONDS):
                         await services.admission.wait_idle()
                     kill_unreaped()
-                    # Requests have drained; give their debug uploads the same grace.
+                    # Requests have drained; give their debug uploads and shared records
+                    # the same grace.
                     with anyio.move_on_after(settings.drain_seconds):
                         await services.debug.wait_idle()
                         await services.webhooks.wait_idle()  # and their webhooks
+                        if services.state is not None:
+                            await services.state.work.wait_idle()
                     background.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):

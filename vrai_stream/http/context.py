@@ -30,6 +30,8 @@ from vrai_stream.pipeline.job import JobListener, JobResult, JobSpec
 from vrai_stream.services import Services
 from vrai_stream.settings import ANONYMOUS
 from vrai_stream.speech.summarize import SummarizationType
+from vrai_stream.state.answers import RunningJob
+from vrai_stream.state.claims import Claim
 from vrai_stream.uploads.idempotency import Entry, Fingerprint
 from vrai_stream.uploads.session import UploadSession
 from vrai_stream.webhooks.destinations import Destination
@@ -71,6 +73,10 @@ class RequestContext:
         """This request's `Idempotency-Key`, when it is the first to use it."""
         self.callback: Destination | None = None
         """Where the answer is POSTed too (`callbackUrl`), once vetted."""
+        self.shared_claim: Claim | None = None
+        """The key's claim in the shared bucket, when there is one and this request won it."""
+        self.shared_job: RunningJob | None = None
+        """The job's record in the shared bucket, asked for by its id from any machine."""
         self.fingerprint: Fingerprint | None = None
         """The request's hash as its body streams, when it carries an `Idempotency-Key`."""
         self.feeders: TaskGroup | None = None
@@ -192,6 +198,9 @@ class RequestContext:
             idle_timeout_seconds=math.inf if self.upload else spec.idle_timeout_seconds,
         )
         self.services.results.started(self.request_id, self.user_id)
+        state = self.services.state
+        if state is not None:
+            self.shared_job = state.answers.started(self.request_id, self.user_id)
         result = await self.services.pipeline.run(spec, audio, listener, watch=self._watch)
         if result.failure is not None:
             raise result.failure

@@ -441,7 +441,8 @@ def build_openapi() -> dict[str, Any]:
                 ],
                 "get": {
                     "summary": "A finished answer again, by its `requestId`, to the user it is "
-                    "for, for `VRAI_RESULT_TTL_SECONDS` (kept by the machine that ran it).",
+                    "for, for `VRAI_RESULT_TTL_SECONDS`, from any machine that shares the "
+                    "state bucket.",
                     "responses": {
                         "200": {
                             "description": "The answer as it was given; an answer given as "
@@ -458,7 +459,10 @@ def build_openapi() -> dict[str, Any]:
                             },
                         },
                         **_error_responses(
-                            errors.NotFound, errors.Unauthorized, errors.AuthUnavailable
+                            errors.NotFound,
+                            errors.Unauthorized,
+                            errors.AuthUnavailable,
+                            errors.SharedStateUnavailable,
                         ),
                     },
                 },

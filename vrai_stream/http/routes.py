@@ -33,6 +33,8 @@ from vrai_stream.speech.formats import RESPONSE_FORMATS, ResponseFormat
 from vrai_stream.speech.languages import WHISPER_LANGUAGES, language_code
 from vrai_stream.speech.summarize import SummarizationType
 from vrai_stream.speech.transcribers.base import TranscribeOptions
+from vrai_stream.state.answers import StillRunning, StoredAnswer
+from vrai_stream.state.bucket import StateUnavailable
 
 RAW_QUERY = (
     "fromTime",
@@ -297,14 +299,34 @@ async def transcription_by_id(context: RequestContext) -> Reply:
     await context.authenticate()
     request_id = context.request.path_params["request_id"]
     held = context.services.results.find(request_id, context.user_id)
-    if held is None:
-        raise errors.NotFound(
-            "No answer with this id is kept for you here: it never was, it is another "
-            "user's, or its time to live is over"
-        )
-    if held.result is None:
-        retry = context.services.settings.retry_after_seconds
-        body = {"requestId": request_id, "status": "running"}
-        return JSONResponse(body, status_code=202, headers={"Retry-After": str(retry)})
-    kept = held.result
-    return Response(kept.body, status_code=kept.status, media_type=kept.media_type)
+    if held is not None and held.result is not None:
+        kept = held.result
+        return Response(kept.body, status_code=kept.status, media_type=kept.media_type)
+    if held is None:  # not a job of this machine's: perhaps another's
+        found = await _shared_answer(context, request_id)
+        if isinstance(found, StoredAnswer):
+            return Response(found.body, status_code=found.status, media_type=found.media_type)
+        if found is None:
+            raise errors.NotFound(
+                "No answer with this id is kept for you: it never was, it is another "
+                "user's, or its time to live is over"
+            )
+    retry = context.services.settings.retry_after_seconds
+    body = {"requestId": request_id, "status": "running"}
+    return JSONResponse(body, status_code=202, headers={"Retry-After": str(retry)})
+
+
+async def _shared_answer(
+    context: RequestContext, request_id: str
+) -> StoredAnswer | StillRunning | None:
+    """The answer, or its running job, as another machine left it in the shared bucket."""
+    state = context.services.state
+    if state is None:
+        return None
+    try:
+        return await state.answers.find(request_id, context.user_id)
+    except StateUnavailable as exc:
+        raise errors.SharedStateUnavailable(
+            "The answers' store is not reachable; ask again shortly",
+            retry_after_seconds=context.services.settings.retry_after_seconds,
+        ) from exc

@@ -44,6 +44,16 @@ class RecordedAnswer:
         self._abandoned = False
         self._changed = anyio.Event()
 
+    @classmethod
+    def whole(cls, status: int, headers: Headers, body: bytes) -> RecordedAnswer:
+        """An answer recorded elsewhere (another machine), whole."""
+        answer = cls()
+        answer.start(status, headers)
+        answer._chunks.append(body)
+        answer.size = len(body)
+        answer.finish()
+        return answer
+
     @property
     def started(self) -> bool:
         return self.status is not None

@@ -1,0 +1,288 @@
+"""A fleet, not a machine: service processes behind Fly's proxy (the tests' stand-in) share one
+bucket (moto's real S3 API), and keys and answers outlive the machine that made them.
+
+Each machine transcribes through the tests' OpenAI-compatible server (real `openai` SDK, real
+model behind it), so every upstream call, on any machine, is counted; billing is read where
+it is kept, in each machine's request log (`audioSeconds`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import httpx
+import pytest
+
+from vrai_stream.settings import Settings
+from vrai_stream.state.shared import create_shared_state
+
+from .support.audio import SENTENCE_WORDS, has_words
+from .support.client import chunked
+from .support.fake_openai import FakeOpenAI
+from .support.fly_proxy import FlyProxy
+from .support.resumable_client import draft_fields
+from .support.s3_server import MotoServer, new_bucket, s3_client, s3_env, state_records
+from .support.server import Server, start_server, start_servers
+from .test_auth_http import TOKEN_USERS, auth_header
+from .test_errors import CHUNKED, chunk_frame, read_response, request_head
+from .test_idempotency import keyed_env
+
+pytestmark = pytest.mark.anyio
+
+WINDOW = "/v1/transcriptions?fromTime=0&toTime=30"
+LEASE_SECONDS = 3
+"""Short, so a stopped machine's key frees within the test."""
+MACHINES = ("m1", "m2")
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[FakeOpenAI]:
+    with FakeOpenAI() as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def fleet_env(moto: MotoServer, upstream: FakeOpenAI) -> dict[str, str]:
+    """Settings every machine shares: the state bucket (no debug copies), users, upstream."""
+    bucket = new_bucket(s3_client(moto.url))
+    return {
+        **s3_env(moto.url, bucket),
+        "VRAI_DEBUG_STORE": "off",
+        "VRAI_DEBUG_BUCKET": "",
+        "VRAI_STATE_BUCKET": bucket,
+        "VRAI_STATE_LEASE_SECONDS": str(LEASE_SECONDS),
+        **keyed_env(upstream),
+    }
+
+
+@pytest.fixture(scope="module")
+def fleet(
+    tmp_path_factory: pytest.TempPathFactory, fleet_env: dict[str, str]
+) -> Iterator[dict[str, Server]]:
+    base = tmp_path_factory.mktemp("fleet")
+    servers = start_servers(
+        {name: (base / name, {**fleet_env, "FLY_MACHINE_ID": name}) for name in MACHINES}
+    )
+    yield servers
+    for server in servers.values():
+        server.stop()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_upstream(upstream: FakeOpenAI) -> None:
+    upstream.reset()
+
+
+@pytest.fixture(scope="module")
+def speech(media: Path) -> bytes:
+    return (media / "sentence.wav").read_bytes()
+
+
+def addresses(servers: dict[str, Server]) -> dict[str, tuple[str, int]]:
+    return {name: ("127.0.0.1", httpx.URL(s.url).port or 0) for name, s in servers.items()}
+
+
+def keyed(user: str, key: str) -> dict[str, str]:
+    return {**auth_header(TOKEN_USERS[user]), "Idempotency-Key": key, "Content-Type": "audio/wav"}
+
+
+def as_user(user: str) -> dict[str, str]:
+    return {**auth_header(TOKEN_USERS[user]), "Content-Type": "audio/wav"}
+
+
+async def post_on(
+    proxy: FlyProxy, machine: str, body: Any, headers: dict[str, str]
+) -> httpx.Response:
+    """POST through the proxy, to `machine`."""
+    proxy.route_next(machine)
+    async with httpx.AsyncClient(base_url=proxy.url, timeout=60) as client:
+        return await client.post(WINDOW, content=body, headers=headers)
+
+
+async def get_on(proxy: FlyProxy, machine: str, path: str, user: str) -> httpx.Response:
+    proxy.route_next(machine)
+    async with httpx.AsyncClient(base_url=proxy.url, timeout=30) as client:
+        return await client.get(path, headers=auth_header(TOKEN_USERS[user]))
+
+
+def billed(servers: dict[str, Server], request_id: str) -> list[float]:
+    """The audio seconds each machine's log bills for `request_id`."""
+    return [
+        entry["audioSeconds"]
+        for server in servers.values()
+        for entry in server.request_logs()
+        if entry.get("requestId") == request_id and entry.get("audioSeconds")
+    ]
+
+
+async def test_a_key_retried_on_another_machine_runs_once_and_is_billed_once(
+    fleet: dict[str, Server], upstream: FakeOpenAI, speech: bytes
+) -> None:
+    async with FlyProxy(addresses(fleet)) as proxy:
+        first = await post_on(proxy, "m1", speech, keyed("alice", "fleet-retry"))
+        assert first.status_code == 200, first.text
+        calls = len(upstream.transcription_requests)
+        retry = await post_on(proxy, "m2", chunked(speech), keyed("alice", "fleet-retry"))
+    assert retry.status_code == 200, retry.text
+    assert retry.headers["idempotent-replayed"] == "true"
+    assert retry.json() == first.json()
+    assert retry.headers["x-request-id"] == first.headers["x-request-id"]
+    assert len(upstream.transcription_requests) == calls, "transcribed again on m2"
+    assert len(billed(fleet, first.json()["requestId"])) == 1
+    assert not [e for e in fleet["m2"].request_logs() if e.get("audioSeconds")]
+
+
+async def test_concurrent_claims_on_two_machines_run_one_job(
+    fleet: dict[str, Server], upstream: FakeOpenAI, speech: bytes
+) -> None:
+    answers: dict[str, httpx.Response] = {}
+
+    async def send(proxy: FlyProxy, machine: str) -> None:
+        body = chunked(speech, chunk_size=16 * 1024, delay=0.05)  # both are still uploading
+        answers[machine] = await post_on(proxy, machine, body, keyed("bob", "double-tap"))
+
+    async with FlyProxy(addresses(fleet)) as proxy, anyio.create_task_group() as group:
+        for machine in MACHINES:
+            group.start_soon(send, proxy, machine)
+            await anyio.sleep(0.01)  # `route_next` names the machine of the next request
+    assert [answers[m].status_code for m in MACHINES] == [200, 200], answers
+    assert answers["m1"].json() == answers["m2"].json()
+    replayed = sorted(answers[m].headers.get("idempotent-replayed", "no") for m in MACHINES)
+    assert replayed == ["no", "true"]
+    request_id = answers["m1"].json()["requestId"]
+    assert len(billed(fleet, request_id)) == 1, "both machines ran the key"
+    assert has_words(answers["m2"].json()["transcription"], SENTENCE_WORDS, at_least=3)
+
+
+async def test_an_answer_is_fetched_by_its_id_from_another_machine(
+    fleet: dict[str, Server], speech: bytes
+) -> None:
+    half = len(speech) // 2
+    async with FlyProxy(addresses(fleet)) as proxy:
+        proxy.route_next("m1")
+        host, port = proxy.url.removeprefix("http://").split(":")
+        async with await anyio.connect_tcp(host, int(port)) as stream:
+            # A resumable upload: its 104 names the request before the body ends.
+            fields = {**as_user("alice"), **CHUNKED, **draft_fields(8, complete=True)}
+            await stream.send(request_head(WINDOW, fields) + chunk_frame(speech[:half]))
+            interim = await _interim_headers(stream)
+            request_id = interim["x-request-id"]
+            path = f"/v1/transcriptions/{request_id}"
+            while_running = await get_on(proxy, "m2", path, "alice")
+            await stream.send(chunk_frame(speech[half:]) + chunk_frame(b""))
+            answer = await read_response(stream, within=60)
+        assert while_running.status_code == 202, while_running.text
+        assert int(while_running.headers["retry-after"]) >= 1
+        assert answer.status == 200, answer.body
+        assert answer.json()["requestId"] == request_id
+
+        fetched = await _fetched(proxy, "m2", request_id, "alice")
+        assert fetched.status_code == 200, fetched.text
+        assert fetched.json() == answer.json()
+        assert fetched.headers["content-type"].startswith("application/json")
+
+        other_user = await get_on(proxy, "m2", path, "bob")
+        unknown = await get_on(proxy, "m2", "/v1/transcriptions/0123456789abcdef", "alice")
+    for missing in (other_user, unknown):
+        assert missing.status_code == 404
+        assert missing.json()["code"] == "not_found"
+
+
+async def test_a_machine_stopped_mid_job_frees_its_key_after_the_lease(
+    tmp_path: Path,
+    fleet: dict[str, Server],
+    fleet_env: dict[str, str],
+    moto: MotoServer,
+    upstream: FakeOpenAI,
+    speech: bytes,
+) -> None:
+    doomed = start_server(tmp_path / "m3", {**fleet_env, "FLY_MACHINE_ID": "m3"})
+    bucket = s3_client(moto.url)
+    claims_before = _claims(bucket, fleet_env)
+    headers = keyed("alice", "machine-died")
+    try:
+        async with FlyProxy({**addresses(fleet), **addresses({"m3": doomed})}) as proxy:
+            async with anyio.create_task_group() as group:
+
+                async def slow_upload() -> None:
+                    body = chunked(speech, chunk_size=8 * 1024, delay=0.5)
+                    try:
+                        cut = await post_on(proxy, "m3", body, headers)
+                    except httpx.HTTPError:
+                        return
+                    assert cut.status_code == 502, cut.text  # the proxy lost the machine
+
+                group.start_soon(slow_upload)
+                with anyio.fail_after(10):
+                    while True:  # until m3 has claimed the key, mid-body
+                        if _claims(bucket, fleet_env) != claims_before:
+                            break
+                        await anyio.sleep(0.05)
+                doomed.process.kill()  # the machine is gone: no goodbye, nothing settled
+                group.cancel_scope.cancel()  # its client gives up on it at once
+            calls = len(upstream.transcription_requests)
+            # At once, m3's lease still holds the key: the retry is told to come back.
+            held = await post_on(proxy, "m1", speech, headers)
+            assert held.status_code == 409, held.text
+            assert held.json()["code"] == "idempotency_key_in_use"
+            assert 1 <= int(held.headers["retry-after"]) <= LEASE_SECONDS + 1
+            await anyio.sleep(LEASE_SECONDS)
+            retried = await post_on(proxy, "m2", speech, headers)
+    finally:
+        doomed.stop()
+    assert retried.status_code == 200, retried.text
+    assert "idempotent-replayed" not in retried.headers
+    assert has_words(retried.json()["transcription"], SENTENCE_WORDS, at_least=3)
+    assert len(upstream.transcription_requests) > calls
+    assert len(billed(fleet, retried.json()["requestId"])) == 1
+    assert not [e for e in doomed.request_logs() if e.get("audioSeconds")], "m3 billed too"
+
+
+def _claims(bucket: Any, fleet_env: dict[str, str]) -> set[str]:
+    records = state_records(bucket, fleet_env["VRAI_STATE_BUCKET"])
+    return {key for key in records if key.startswith("state/keys/")}
+
+
+async def _interim_headers(stream: anyio.abc.SocketStream) -> dict[str, str]:
+    """The headers of the first interim response on a raw connection."""
+    buffer = b""
+    with anyio.fail_after(10):
+        while b"\r\n\r\n" not in buffer:
+            buffer += await stream.receive()
+    head, _, rest = buffer.partition(b"\r\n\r\n")
+    assert not rest, "only the interim response comes before the body ends"
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    assert status_line.split()[1] == "104", status_line
+    return {
+        name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)
+    }
+
+
+async def _fetched(proxy: FlyProxy, machine: str, request_id: str, user: str) -> httpx.Response:
+    """GET by id until the job's machine has left its answer (a `202` says it is on its way)."""
+    with anyio.fail_after(10):
+        while True:
+            reply = await get_on(proxy, machine, f"/v1/transcriptions/{request_id}", user)
+            if reply.status_code != 202:
+                return reply
+            await anyio.sleep(0.2)
+
+
+@pytest.mark.parametrize(
+    ("env", "bucket"),
+    [
+        ({"VRAI_STATE_BUCKET": "state-here", "VRAI_DEBUG_BUCKET": "copies"}, "state-here"),
+        ({"VRAI_DEBUG_BUCKET": "copies"}, "copies"),
+        ({"BUCKET_NAME": "fly-tigris"}, "fly-tigris"),
+        ({"VRAI_DEBUG_STORE": "dir"}, None),
+    ],
+)
+def test_the_state_bucket_falls_back_to_the_debug_copies_bucket(
+    env: dict[str, str], bucket: str | None
+) -> None:
+    state = create_shared_state(Settings.from_env(env))
+    assert (state.bucket.bucket if state else None) == bucket
