@@ -24,6 +24,15 @@ class BackgroundWork:
         """Run the work in `group`, which outlives requests."""
         self._group = group
 
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    @property
+    def stopping(self) -> bool:
+        """No new work can start: never started, or the lifespan is ending."""
+        return self._group is None or self._group.cancel_scope.cancel_called
+
     def spawn(self, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
         assert self._group is not None, f"{type(self).__name__}.start() was not called"
         if self._pending == 0:

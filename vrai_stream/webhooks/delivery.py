@@ -12,6 +12,7 @@ shutdown the drain waits for them, bounded, and logs those it abandons.
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
 import time
@@ -22,6 +23,7 @@ import httpcore
 import httpx
 
 from vrai_stream import errors, metrics
+from vrai_stream.background import BackgroundWork
 from vrai_stream.settings import Settings
 from vrai_stream.webhooks.destinations import Destination, HostPolicy
 from vrai_stream.webhooks.network import AddressRefused, GuardedBackend
@@ -58,10 +60,7 @@ class Webhooks:
                 keepalive_expiry=30.0,
                 retries=0,  # attempts are counted, logged and spaced out here
             )
-        self._group: anyio.abc.TaskGroup | None = None
-        self._pending = 0
-        self._idle = anyio.Event()
-        self._idle.set()
+        self._work = BackgroundWork()
 
     async def vet(self, url: str) -> Destination:
         """The callback's destination, or `CallbackNotAllowed` (before any body is read)."""
@@ -78,7 +77,7 @@ class Webhooks:
 
     def start(self, background: anyio.abc.TaskGroup) -> None:
         """Deliver in `background`, which outlives requests."""
-        self._group = background
+        self._work.start(background)
 
     def send(
         self, destination: Destination, request_id: str, status: int, answer: Answered | None
@@ -87,23 +86,19 @@ class Webhooks:
         the answer it tells of is already over."""
         try:
             event = event_for(request_id, status, answer)
-            group = self._group
-            if group is None or group.cancel_scope.cancel_called:
+            if self._work.stopping:
                 self._count_lost("abandoned", "the server is stopping", request_id)
                 return
-            if self._pending >= MAX_PENDING:
+            if self._work.pending >= MAX_PENDING:
                 self._count_lost("dropped", "too many webhooks pending", request_id)
                 return
-            group.start_soon(self._tracked, destination, request_id, event)
-            if self._pending == 0:  # (the task cannot start before this returns)
-                self._idle = anyio.Event()
-            self._pending += 1
+            self._work.spawn(functools.partial(self._tracked, destination, request_id, event))
         except Exception as exc:  # a bug: it must not break the answer's settling
             logger.error("webhook not sent", exc_info=exc, extra={"requestId": request_id})
 
     async def wait_idle(self) -> None:
         """Until no delivery is pending (the drain bounds the wait)."""
-        await self._idle.wait()
+        await self._work.wait_idle()
 
     async def aclose(self) -> None:
         if self._pool is not None:
@@ -115,10 +110,6 @@ class Webhooks:
         except anyio.get_cancelled_exc_class():
             self._count_lost("abandoned", "the server stopped first", request_id)
             raise
-        finally:
-            self._pending -= 1
-            if self._pending == 0:
-                self._idle.set()
 
     async def _deliver(self, destination: Destination, request_id: str, event: Event) -> None:
         message_id = f"msg_{request_id}"
