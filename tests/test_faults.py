@@ -526,23 +526,12 @@ def settled_attempts(fake: FakeOpenAI, within: float = 5.0) -> list[Any]:
 
 
 async def prime_the_fakes_cache(server: Server, fake: FakeOpenAI, audio: bytes) -> None:
-    """Have the fake transcribe this request's MP3 once, as the service would ask for it, so
-    a later attempt is answered from its cache at once: a 1 s per-attempt timeout measures
-    the timeout, not how long Whisper takes on a loaded machine."""
-    async with httpx.AsyncClient(timeout=120) as client:
-        mp3 = await client.post(
-            f"{server.url}{ENDPOINT}?fromTime=0&toTime=8",
-            content=audio,
-            headers=MP3,
-        )
-        assert mp3.status_code == 200, mp3.text
-        primed = await client.post(
-            f"{fake.base_url}/audio/transcriptions",
-            files={"file": ("audio.mp3", mp3.content, "audio/mpeg")},
-            data={"model": "whisper-1", "response_format": "verbose_json"},
-            headers={"Authorization": f"Bearer {UPSTREAM_KEY}"},
-        )
-        assert primed.status_code == 200, primed.text
+    """Have the fake transcribe this request's audio once, exactly as the service sends it
+    (its segments, as WAV), so a later attempt is answered from its cache at once: a 1 s
+    per-attempt timeout measures the timeout, not how long Whisper takes on a loaded machine."""
+    response, _ = await transcribe_timed(server, audio)
+    assert response.status_code == 200, response.text
+    assert fake.transcription_requests, "the service never called the fake"
 
 
 async def hung_upstream_504(
