@@ -1,5 +1,6 @@
 """A fleet, not a machine: service processes behind Fly's proxy (the tests' stand-in) share one
-bucket (moto's real S3 API), and keys and answers outlive the machine that made them.
+bucket (moto's real S3 API), and keys, answers and webhooks on their way outlive the machine
+that made them.
 
 Each machine transcribes through the tests' OpenAI-compatible server (real `openai` SDK, real
 model behind it), so every upstream call, on any machine, is counted; billing is read where
@@ -8,6 +9,8 @@ it is kept, in each machine's request log (`audioSeconds`).
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,7 @@ import anyio.abc
 import httpx
 import pytest
 
+from vrai_stream.s3_client import LazyS3Client
 from vrai_stream.settings import Settings
 from vrai_stream.state.shared import create_shared_state
 
@@ -27,9 +31,12 @@ from .support.fly_proxy import FlyProxy
 from .support.resumable_client import draft_fields
 from .support.s3_server import MotoServer, new_bucket, s3_client, s3_env, state_records
 from .support.server import Server, start_server, start_servers
+from .support.webhook_receiver import Reply, WebhookReceiver
 from .test_auth_http import TOKEN_USERS, auth_header
 from .test_errors import CHUNKED, chunk_frame, read_response, request_head
 from .test_idempotency import keyed_env
+from .test_webhooks import SECRET as WEBHOOK_SECRET
+from .test_webhooks import verify
 
 pytestmark = pytest.mark.anyio
 
@@ -46,6 +53,13 @@ def upstream() -> Iterator[FakeOpenAI]:
 
 
 @pytest.fixture(scope="module")
+def receiver() -> Iterator[WebhookReceiver]:
+    running = WebhookReceiver()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
 def fleet_env(moto: MotoServer, upstream: FakeOpenAI) -> dict[str, str]:
     """Settings every machine shares: the state bucket (no debug copies), users, upstream."""
     bucket = new_bucket(s3_client(moto.url))
@@ -55,6 +69,10 @@ def fleet_env(moto: MotoServer, upstream: FakeOpenAI) -> dict[str, str]:
         "VRAI_DEBUG_BUCKET": "",
         "VRAI_STATE_BUCKET": bucket,
         "VRAI_STATE_LEASE_SECONDS": str(LEASE_SECONDS),
+        "VRAI_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "VRAI_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1",
+        "VRAI_WEBHOOK_MAX_ATTEMPTS": "20",
+        "VRAI_WEBHOOK_BACKOFF_SECONDS": "0.2",
         **keyed_env(upstream),
     }
 
@@ -242,6 +260,53 @@ async def test_a_machine_stopped_mid_job_frees_its_key_after_the_lease(
     assert not [e for e in doomed.request_logs() if e.get("audioSeconds")], "m3 billed too"
 
 
+async def test_a_webhook_cut_short_by_its_machine_stopping_is_sent_by_another(
+    tmp_path: Path,
+    fleet: dict[str, Server],
+    fleet_env: dict[str, str],
+    receiver: WebhookReceiver,
+    speech: bytes,
+) -> None:
+    path = "/hooks/machine-died"
+    receiver.script(path, *[Reply(500)] * 100)  # down, for as long as m3 lives
+    doomed = start_server(tmp_path / "m3", {**fleet_env, "FLY_MACHINE_ID": "m3"})
+    try:
+        async with FlyProxy({**addresses(fleet), **addresses({"m3": doomed})}) as proxy:
+            proxy.route_next("m3")
+            async with httpx.AsyncClient(base_url=proxy.url, timeout=60) as client:
+                answer = await client.post(
+                    WINDOW,
+                    params={"callbackUrl": f"{receiver.url}{path}"},
+                    content=speech,
+                    headers=as_user("alice"),
+                )
+        assert answer.status_code == 200, answer.text
+        first = receiver.wait_for(path, 1)[0]
+        doomed.process.kill()  # mid-retries: the webhook has not landed
+    finally:
+        doomed.stop()
+    stopped_at = time.time()
+    receiver.script(path)  # the receiver is back
+    with anyio.fail_after(4 * LEASE_SECONDS + 5):
+        while True:  # until another machine takes it up and delivers it
+            later = [r for r in receiver.received(path) if r.at > stopped_at]
+            if later:
+                break
+            await anyio.sleep(0.1)
+    delivered = later[0]
+    assert delivered.headers["webhook-id"] == first.headers["webhook-id"]
+    assert delivered.body == first.body
+    verify(WEBHOOK_SECRET, delivered.headers, delivered.body)
+    assert json.loads(delivered.body)["data"]["requestId"] == answer.json()["requestId"]
+    taken_up = [
+        line
+        for server in fleet.values()
+        for line in server.logs()
+        if line.get("message") == "webhook taken up from a machine that stopped"
+    ]
+    assert taken_up, "no machine took the webhook up"
+
+
 def _claims(bucket: Any, fleet_env: dict[str, str]) -> set[str]:
     records = state_records(bucket, fleet_env["VRAI_STATE_BUCKET"])
     return {key for key in records if key.startswith("state/keys/")}
@@ -284,5 +349,6 @@ async def _fetched(proxy: FlyProxy, machine: str, request_id: str, user: str) ->
 def test_the_state_bucket_falls_back_to_the_debug_copies_bucket(
     env: dict[str, str], bucket: str | None
 ) -> None:
-    state = create_shared_state(Settings.from_env(env))
+    settings = Settings.from_env(env)
+    state = create_shared_state(settings, LazyS3Client(settings.debug_s3_timeout_seconds))
     assert (state.bucket.bucket if state else None) == bucket

@@ -13,6 +13,7 @@ from vrai_stream.debug_store import create_store
 from vrai_stream.debug_store.base import DebugStore
 from vrai_stream.memory_plan import MemoryPlan, detect_memory_limit, plan_memory
 from vrai_stream.pipeline import Pipeline
+from vrai_stream.s3_client import LazyS3Client
 from vrai_stream.settings import Settings
 from vrai_stream.speech.summarize import Summarizer
 from vrai_stream.speech.transcribers import create_transcriber
@@ -45,6 +46,8 @@ class Services:
     admission: Admission
     pipeline: Pipeline
     transcriber: Lazy[Transcriber]
+    s3: LazyS3Client
+    """One S3 client for the process: debug copies and the state bucket share its pool."""
     debug: DebugStore
     summarizer: Summarizer
     auth: Authenticator
@@ -58,7 +61,9 @@ class Services:
     @classmethod
     def create(cls, settings: Settings, ffmpeg: str) -> Services:
         transcriber: Lazy[Transcriber] = Lazy(lambda: create_transcriber(settings))
-        debug = create_store(settings)
+        s3 = LazyS3Client(settings.debug_s3_timeout_seconds)
+        debug = create_store(settings, s3)
+        state = create_shared_state(settings, s3)
         plan = plan_memory(settings, *detect_memory_limit(settings))
         logger.info("memory plan", extra={"plan": plan.describe()})
         return cls(
@@ -80,6 +85,7 @@ class Services:
                 tmp_dir=usable_tmp_dir(settings.tmp_dir),
             ),
             transcriber=transcriber,
+            s3=s3,
             debug=debug,
             summarizer=Summarizer(settings),
             auth=create_authenticator(settings.auth),
@@ -91,8 +97,8 @@ class Services:
             ),
             idempotency=IdempotencyKeys(settings.idempotency_ttl_seconds),
             results=Results(settings.result_ttl_seconds),
-            webhooks=Webhooks(settings),
-            state=create_shared_state(settings),
+            webhooks=Webhooks(settings, outbox=state.outbox if state else None),
+            state=state,
         )
 
     @property
@@ -101,8 +107,7 @@ class Services:
 
     async def aclose(self) -> None:
         await self.debug.aclose()
-        if self.state is not None:
-            await self.state.aclose()
+        await self.s3.aclose()
         await self.summarizer.aclose()
         await self.auth.aclose()
         await self.webhooks.aclose()

@@ -11,17 +11,19 @@ from __future__ import annotations
 import logging
 
 from vrai_stream.debug_store.base import DebugStore, OffStore
+from vrai_stream.s3_client import LazyS3Client
 from vrai_stream.settings import Settings
 
 logger = logging.getLogger("vrai_stream.debug_store")
 
 
-def create_store(settings: Settings) -> DebugStore:
-    """The configured store; S3's SDK is imported only when S3 is configured."""
+def create_store(settings: Settings, s3: LazyS3Client) -> DebugStore:
+    """The configured store; S3's SDK is imported only when S3 is configured, and the S3
+    client (`s3`, the process's one) made only once it is used."""
     if settings.debug_store == "s3":
         from vrai_stream.debug_store.s3 import S3Store
 
-        return S3Store(settings)
+        return S3Store(settings, s3)
     if settings.debug_store == "dir":
         from vrai_stream.debug_store.folder import FolderStore
 

@@ -35,7 +35,7 @@ ABORT_TIMEOUT_SECONDS = 10.0
 class S3Store:
     kind = "s3"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, client: LazyS3Client) -> None:
         assert settings.debug_bucket is not None
         self.bucket = settings.debug_bucket
         self.prefix = settings.debug_prefix
@@ -47,7 +47,8 @@ class S3Store:
         self.tmp_dir = settings.tmp_dir
         self.hold_budget = Budget(settings.debug_hold_bytes)
         self._timeout_seconds = settings.debug_s3_timeout_seconds
-        self._client = LazyS3Client(settings.debug_s3_timeout_seconds)
+        self._client = client
+        """The process's S3 client, shared with the state bucket and closed by its owner."""
         self._work = BackgroundWork()
 
     def start(self, background: anyio.abc.TaskGroup) -> None:
@@ -93,7 +94,7 @@ class S3Store:
         )
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        """Nothing of its own to close: the client is its owner's."""
 
 
 class _Abandoned(Exception):
@@ -577,7 +578,8 @@ def lifecycle_rules(prefix: str, expire_days: int) -> dict[str, Any]:
 
 async def apply_lifecycle(settings: Settings, expire_days: int) -> dict[str, Any]:
     """Put the recommended rules on the debug bucket; returns what the bucket now holds."""
-    store = S3Store(settings)
+    s3 = LazyS3Client(settings.debug_s3_timeout_seconds)
+    store = S3Store(settings, s3)
     try:
         client = await store.client()
         await client.put_bucket_lifecycle_configuration(
@@ -589,4 +591,4 @@ async def apply_lifecycle(settings: Settings, expire_days: int) -> dict[str, Any
         )
         return {"Rules": current.get("Rules", [])}
     finally:
-        await store.aclose()
+        await s3.aclose()

@@ -152,9 +152,9 @@ class Answer(Response):
         """Leave the key's answer and the job's answer in the shared bucket, if any: in the
         background, as nothing here waits for it (a retry elsewhere waits for the key)."""
         context = self._context
-        state = context.services.state
         claim, job = context.shared_claim, context.shared_job
         context.shared_claim = context.shared_job = None
+        state = context.services.state if claim or job else None
         if state is None:
             return
         if claim is not None:

@@ -52,10 +52,30 @@ def decode(data: bytes, etag: str) -> Record | None:
 class StateBucket:
     """The `state/` records in one bucket; every call gives up after `timeout_seconds`."""
 
-    def __init__(self, bucket: str, *, timeout_seconds: float) -> None:
+    def __init__(self, bucket: str, client: LazyS3Client, *, timeout_seconds: float) -> None:
         self.bucket = bucket
         self._timeout_seconds = timeout_seconds
-        self._client = LazyS3Client(timeout_seconds)
+        self._client = client
+        """The process's S3 client, shared with the debug copies and closed by its owner."""
+
+    async def ready(self) -> None:
+        """Make the client (importing the SDK takes a moment), so later calls are quick."""
+        await self._client.get()
+
+    async def check(self) -> None:
+        """Say once, at start, whether the bucket answers (and have the client ready)."""
+        try:
+            client = await self._client.get()
+            with anyio.fail_after(self._timeout_seconds):
+                await client.head_bucket(Bucket=self.bucket)
+        except Exception as exc:
+            what = "timed out" if isinstance(exc, TimeoutError) else describe_error(exc)
+            logger.warning(
+                "state bucket is not reachable: keys and answers stay on this machine until it is",
+                extra={"bucket": self.bucket, "error": what},
+            )
+        else:
+            logger.info("state bucket reachable", extra={"bucket": self.bucket})
 
     async def create(self, key: str, fields: dict[str, Any], body: bytes = b"") -> str | None:
         """Write the record if none is there: its etag, or None when one already was."""
@@ -83,6 +103,18 @@ class StateBucket:
                 return None
             raise self._unavailable("read", key, exc) from exc
         return decode(data, reply["ETag"])
+
+    async def keys(self, prefix: str, limit: int = 1000) -> list[str]:
+        """The records under `prefix`, at most `limit` of them."""
+        client = await self._client.get()
+        try:
+            with anyio.fail_after(self._timeout_seconds):
+                reply = await client.list_objects_v2(
+                    Bucket=self.bucket, Prefix=PREFIX + prefix, MaxKeys=limit
+                )
+        except Exception as exc:
+            raise self._unavailable("list", prefix, exc) from exc
+        return [str(item["Key"]).removeprefix(PREFIX) for item in reply.get("Contents", [])]
 
     async def delete(self, key: str) -> None:
         client = await self._client.get()
@@ -116,6 +148,3 @@ class StateBucket:
             extra={"bucket": self.bucket, "key": PREFIX + key, "error": what},
         )
         return StateUnavailable(f"{action} {key}: {what}")
-
-    async def aclose(self) -> None:
-        await self._client.aclose()

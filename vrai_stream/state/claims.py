@@ -13,13 +13,10 @@ import contextlib
 import hashlib
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Any
-
-import anyio
+from dataclasses import dataclass
 
 from vrai_stream.state.bucket import Record, StateBucket, StateUnavailable
-from vrai_stream.state.leases import Leases
+from vrai_stream.state.leases import LeasedRecord, Leases
 
 logger = logging.getLogger("vrai_stream.state")
 
@@ -47,46 +44,15 @@ class HeldElsewhere:
     seconds_left: float
 
 
-@dataclass(eq=False)
-class Claim:
-    """This machine runs the key: its lease is renewed until `settle`."""
-
-    keys: SharedKeys
-    path: str
-    request_id: str
-    etag: str
-    lock: anyio.Lock = field(default_factory=anyio.Lock)
-    lost: bool = False
-
-    async def renew(self, until: float) -> bool:
-        async with self.lock:
-            if self.lost:
-                return False
-            fields = self.keys.running(self.request_id, until)
-            etag = await self.keys.bucket.replace(self.path, fields, self.etag)
-            if etag is None:
-                self.mark_lost()
-                return False
-            self.etag = etag
-            return True
-
-    def mark_lost(self) -> None:
-        # Not renewed in time (this machine stalled), and taken over: the key may run twice.
-        self.lost = True
-        logger.warning(
-            "idempotency claim lost to another machine",
-            extra={"requestId": self.request_id, "key": self.path},
-        )
+Claim = LeasedRecord
+"""This machine runs the key: its claim, renewed until `SharedKeys.settle`."""
 
 
 class SharedKeys:
     def __init__(self, bucket: StateBucket, leases: Leases, *, ttl_seconds: float) -> None:
-        self.bucket = bucket
+        self._bucket = bucket
         self._leases = leases
         self._ttl = ttl_seconds
-
-    def running(self, request_id: str, until: float) -> dict[str, Any]:
-        return {"state": "running", "requestId": request_id, "leaseUntil": until}
 
     async def claim(
         self, user_id: str, key: str, request_id: str
@@ -97,43 +63,38 @@ class SharedKeys:
         Raises `StateUnavailable` when the bucket cannot say.
         """
         path = _path(user_id, key)
-        fields = self.running(request_id, self._leases.until())
+        await self._bucket.ready()  # the lease counts from the write, not from the SDK's import
         for _ in range(CLAIM_ATTEMPTS):
-            etag = await self.bucket.create(path, fields)
+            until = self._leases.until()
+            fields = {"state": "running", "requestId": request_id, "leaseUntil": until}
+            etag = await self._bucket.create(path, fields)
+            if etag is None:
+                found = await self._bucket.read(path)
+                if found is None:
+                    continue  # removed since: create again
+                standing = _standing(found)
+                if standing is not None:
+                    return standing
+                etag = await self._bucket.replace(path, fields, found.etag)
             if etag is not None:
-                return self._held(Claim(self, path, request_id, etag))
-            found = await self.bucket.read(path)
-            if found is None:
-                continue  # removed since: create again
-            standing = _standing(found)
-            if standing is not None:
-                return standing
-            etag = await self.bucket.replace(path, fields, found.etag)
-            if etag is not None:
-                return self._held(Claim(self, path, request_id, etag))
+                claim = Claim(self._bucket, path, fields, etag)
+                self._leases.hold(claim)
+                return claim
         # Every round lost to another machine moving first: it holds the key, or soon will.
         return HeldElsewhere(seconds_left=self._leases.lease_seconds)
 
     async def look(self, user_id: str, key: str) -> KeptAnswer | HeldElsewhere | None:
         """What the key holds now: an answer, a job running, or nothing (freed or expired)."""
-        found = await self.bucket.read(_path(user_id, key))
+        found = await self._bucket.read(_path(user_id, key))
         return None if found is None else _standing(found)
 
     async def settle(self, claim: Claim, answer: KeptAnswer | None) -> None:
         """The job is over: the claim becomes its answer, or is removed for another try.
         A bucket that fails is logged, and the claim frees when its lease runs out."""
         self._leases.release(claim)
-        with contextlib.suppress(StateUnavailable):
-            await self._settle(claim, answer)
-
-    async def _settle(self, claim: Claim, answer: KeptAnswer | None) -> None:
-        async with claim.lock:
-            if claim.lost:
-                return
-            if answer is None:
-                await self.bucket.delete(claim.path)
-                return
-            fields = {
+        kept = None
+        if answer is not None:
+            kept = {
                 "state": "kept",
                 "requestId": answer.request_id,
                 "fingerprint": answer.fingerprint,
@@ -141,12 +102,8 @@ class SharedKeys:
                 "headers": [list(pair) for pair in answer.headers],
                 "expiresAt": time.time() + self._ttl,
             }
-            if await self.bucket.replace(claim.path, fields, claim.etag, answer.body) is None:
-                claim.mark_lost()
-
-    def _held(self, claim: Claim) -> Claim:
-        self._leases.hold(claim)
-        return claim
+        with contextlib.suppress(StateUnavailable):
+            await claim.finish(kept, answer.body if answer else b"")
 
 
 def _path(user_id: str, key: str) -> str:

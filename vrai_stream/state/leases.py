@@ -1,19 +1,21 @@
 """Leases this machine holds on shared records, renewed while it lives.
 
-A running job's records say until when they are held (`leaseUntil`, wall-clock seconds).
-One loop renews every lease this machine holds a third of the way in; a machine that dies
-stops renewing, and once the time has passed, other machines treat the record as free.
+A record held under a lease says until when (`leaseUntil`, wall-clock seconds).  One loop
+renews every lease this machine holds a third of the way in; a machine that dies stops
+renewing, and once the time has passed, other machines treat the record as free and take
+it over, compare-and-swap.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import anyio
 
-from vrai_stream.state.bucket import StateUnavailable
+from vrai_stream.state.bucket import StateBucket, StateUnavailable
 
 logger = logging.getLogger("vrai_stream.state")
 
@@ -22,6 +24,47 @@ class Lease(Protocol):
     async def renew(self, until: float) -> bool:
         """Extend the hold to `until`; False when it was lost and should be dropped."""
         ...
+
+
+@dataclass(eq=False)
+class LeasedRecord:
+    """A record this machine holds: renewed with `If-Match` until it is let go, so a machine
+    that took it over in the meantime (this one stalled past its lease) is never overwritten."""
+
+    bucket: StateBucket
+    path: str
+    fields: dict[str, Any]
+    etag: str
+    body: bytes = b""
+    lost: bool = False
+    lock: anyio.Lock = field(default_factory=anyio.Lock)
+
+    async def renew(self, until: float) -> bool:
+        async with self.lock:
+            if not self.lost:
+                self.fields = {**self.fields, "leaseUntil": until}
+                await self._swap(self.fields, self.body)
+            return not self.lost
+
+    async def finish(self, fields: dict[str, Any] | None, body: bytes = b"") -> None:
+        """Let the record go: replaced by `fields` (no lease any more), or removed (None)."""
+        async with self.lock:
+            if self.lost:
+                return
+            if fields is None:
+                await self.bucket.delete(self.path)
+            else:
+                await self._swap(fields, body)
+
+    async def _swap(self, fields: dict[str, Any], body: bytes) -> None:
+        etag = await self.bucket.replace(self.path, fields, self.etag, body)
+        if etag is None:
+            self.lost = True
+            logger.warning(
+                "a shared record was taken over by another machine", extra={"key": self.path}
+            )
+        else:
+            self.etag = etag
 
 
 class Leases:

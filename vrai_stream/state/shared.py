@@ -1,20 +1,23 @@
-"""The shared state of a fleet: one bucket, the leases this machine renews, keys and answers."""
+"""The shared state of a fleet: one bucket, the leases this machine renews, keys, answers and
+webhooks on their way."""
 
 from __future__ import annotations
 
 import anyio.abc
 
 from vrai_stream.background import BackgroundWork
+from vrai_stream.s3_client import LazyS3Client
 from vrai_stream.settings import Settings
 from vrai_stream.state.answers import SharedAnswers
 from vrai_stream.state.bucket import StateBucket
 from vrai_stream.state.claims import SharedKeys
 from vrai_stream.state.leases import Leases
+from vrai_stream.state.outbox import SharedOutbox
 
 
 class SharedState:
-    def __init__(self, settings: Settings, bucket: str) -> None:
-        self.bucket = StateBucket(bucket, timeout_seconds=settings.state_timeout_seconds)
+    def __init__(self, settings: Settings, bucket: str, s3: LazyS3Client) -> None:
+        self.bucket = StateBucket(bucket, s3, timeout_seconds=settings.state_timeout_seconds)
         self.leases = Leases(settings.state_lease_seconds)
         self.work = BackgroundWork()
         """Writes no request waits for: records of running jobs, answers, freed keys."""
@@ -24,16 +27,15 @@ class SharedState:
         self.answers = SharedAnswers(
             self.bucket, self.leases, self.work, ttl_seconds=settings.result_ttl_seconds
         )
+        self.outbox = SharedOutbox(self.bucket, self.leases)
 
     def start(self, background: anyio.abc.TaskGroup) -> None:
         self.work.start(background)
+        background.start_soon(self.bucket.check)
         background.start_soon(self.leases.renew_forever)
 
-    async def aclose(self) -> None:
-        await self.bucket.aclose()
 
-
-def create_shared_state(settings: Settings) -> SharedState | None:
+def create_shared_state(settings: Settings, s3: LazyS3Client) -> SharedState | None:
     """The bucket's state, or None: with no bucket, keys and answers stay on their machine."""
     bucket = settings.state_bucket or settings.debug_bucket
-    return SharedState(settings, bucket) if bucket else None
+    return SharedState(settings, bucket, s3) if bucket else None

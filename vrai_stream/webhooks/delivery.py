@@ -7,7 +7,9 @@ time; a 2xx ends it, anything else (a connection error, a timeout, any other sta
 redirect, which is never followed) is retried after an exponential backoff with jitter,
 until `VRAI_WEBHOOK_MAX_ATTEMPTS` are spent (a `410 Gone` ends it at once, as the standard
 asks).  Deliveries run in the lifespan's task group, so they outlive their requests; at
-shutdown the drain waits for them, bounded, and logs those it abandons.
+shutdown the drain waits for them, bounded.  With an outbox (`outbox`: the shared bucket),
+each webhook on its way is kept there until it lands, and one whose machine stopped first
+is taken up by another machine; without one, those the drain cuts short are logged lost.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import functools
 import logging
 import secrets
 import time
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -27,6 +30,7 @@ from vrai_stream.background import BackgroundWork
 from vrai_stream.settings import Settings
 from vrai_stream.webhooks.destinations import Destination, HostPolicy
 from vrai_stream.webhooks.network import AddressRefused, GuardedBackend
+from vrai_stream.webhooks.outbox import Outbox, Parcel
 from vrai_stream.webhooks.payload import Answered, Event, event_for
 from vrai_stream.webhooks.signing import signed_headers, signing_key
 
@@ -44,7 +48,8 @@ _JITTER = secrets.SystemRandom()
 class Webhooks:
     """Vets callback URLs, and sends each finished answer to its URL in the background."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, outbox: Outbox[Any] | None = None) -> None:
+        self._outbox = outbox
         secret = settings.webhook_secret
         self._key = None if secret is None else signing_key(secret)
         self._policy = HostPolicy(settings.webhook_allowed_hosts)
@@ -76,8 +81,10 @@ class Webhooks:
             raise errors.CallbackNotAllowed("callbackUrl's host did not resolve in time") from None
 
     def start(self, background: anyio.abc.TaskGroup) -> None:
-        """Deliver in `background`, which outlives requests."""
+        """Deliver in `background`, which outlives requests; take up other machines' orphans."""
         self._work.start(background)
+        if self._outbox is not None and self._key is not None:
+            background.start_soon(self._take_up_orphans, self._outbox)
 
     def send(
         self, destination: Destination, request_id: str, status: int, answer: Answered | None
@@ -92,7 +99,8 @@ class Webhooks:
             if self._work.pending >= MAX_PENDING:
                 self._count_lost("dropped", "too many webhooks pending", request_id)
                 return
-            self._work.spawn(functools.partial(self._tracked, destination, request_id, event))
+            parcel = Parcel(request_id, str(destination.url), event)
+            self._work.spawn(functools.partial(self._tracked, destination, parcel, None))
         except Exception as exc:  # a bug: it must not break the answer's settling
             logger.error("webhook not sent", exc_info=exc, extra={"requestId": request_id})
 
@@ -104,12 +112,46 @@ class Webhooks:
         if self._pool is not None:
             await self._pool.aclose()
 
-    async def _tracked(self, destination: Destination, request_id: str, event: Event) -> None:
+    async def _tracked(self, destination: Destination, parcel: Parcel, held: Any) -> None:
+        """Deliver the parcel, kept in the outbox (if any) until it lands or is given up."""
+        outbox = self._outbox
+        if held is None and outbox is not None:
+            held = await outbox.keep(parcel)
         try:
-            await self._deliver(destination, request_id, event)
+            await self._deliver(destination, parcel.request_id, parcel.event)
         except anyio.get_cancelled_exc_class():
-            self._count_lost("abandoned", "the server stopped first", request_id)
+            if held is None:
+                self._count_lost("abandoned", "the server stopped first", parcel.request_id)
+            else:
+                logger.warning(
+                    "webhook left for another machine: the server stopped first",
+                    extra={"requestId": parcel.request_id},
+                )
             raise
+        if held is not None and outbox is not None:
+            await outbox.release(held)
+
+    async def _take_up_orphans(self, outbox: Outbox[Any]) -> None:
+        """Deliver the webhooks whose machine stopped before they landed, now and then."""
+        while True:
+            await anyio.sleep(outbox.look_every_seconds)
+            if self._work.pending >= MAX_PENDING:
+                continue
+            for held, parcel in await outbox.orphans():
+                try:
+                    destination = self._policy.destination(parcel.url)
+                except errors.CallbackNotAllowed:
+                    logger.error(
+                        "webhook dropped: its host is no longer allowed",
+                        extra={"requestId": parcel.request_id},
+                    )
+                    await outbox.release(held)
+                    continue
+                logger.info(
+                    "webhook taken up from a machine that stopped",
+                    extra={"requestId": parcel.request_id, "destination": destination.origin},
+                )
+                self._work.spawn(functools.partial(self._tracked, destination, parcel, held))
 
     async def _deliver(self, destination: Destination, request_id: str, event: Event) -> None:
         message_id = f"msg_{request_id}"
