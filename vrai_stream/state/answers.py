@@ -43,11 +43,15 @@ class RunningJob:
     user_id: str
     written: anyio.Event = field(default_factory=anyio.Event)
     """Set once the first record was written (or failed to be): later writes come after."""
+    over: bool = False
+    """The job ended: a renewal still under way must not write `running` over its answer."""
+    lock: anyio.Lock = field(default_factory=anyio.Lock)
 
     async def renew(self, until: float) -> bool:
-        if self.written.is_set():
-            await self.answers.write_running(self, until)
-        return True
+        async with self.lock:
+            if self.written.is_set() and not self.over:
+                await self.answers.write_running(self, until)
+        return not self.over
 
 
 class SharedAnswers:
@@ -84,20 +88,25 @@ class SharedAnswers:
 
         async def write() -> None:
             await job.written.wait()
-            with contextlib.suppress(StateUnavailable):  # logged; the lease runs out
-                if answer is None:
-                    await self._bucket.delete(_path(job.request_id))
-                    return
-                fields = {
-                    "state": "kept",
-                    "userId": job.user_id,
-                    "status": answer.status,
-                    "mediaType": answer.media_type,
-                    "expiresAt": time.time() + self._ttl,
-                }
-                await self._bucket.put(_path(job.request_id), fields, answer.body)
+            async with job.lock:
+                job.over = True
+                await self._write_final(job, answer)
 
         self._work.spawn(write)
+
+    async def _write_final(self, job: RunningJob, answer: StoredAnswer | None) -> None:
+        with contextlib.suppress(StateUnavailable):  # logged; the lease runs out
+            if answer is None:
+                await self._bucket.delete(_path(job.request_id))
+                return
+            fields = {
+                "state": "kept",
+                "userId": job.user_id,
+                "status": answer.status,
+                "mediaType": answer.media_type,
+                "expiresAt": time.time() + self._ttl,
+            }
+            await self._bucket.put(_path(job.request_id), fields, answer.body)
 
     async def find(self, request_id: str, user_id: str) -> StoredAnswer | StillRunning | None:
         """The user's answer, or that its job still runs; None for an id unknown, expired,
