@@ -103,14 +103,13 @@ async def _replay_from_bucket(context: RequestContext, first: Elsewhere) -> Resp
     assert state is not None
     standing: KeptAnswer | HeldElsewhere | None = first.standing
     deadline = anyio.current_time() + ELSEWHERE_WAIT_SECONDS
+    retry_after = context.services.settings.retry_after_seconds
     while isinstance(standing, HeldElsewhere):
         if anyio.current_time() >= deadline:
             raise errors.IdempotencyKeyInUse(
                 "The first request with this Idempotency-Key is still running on another "
                 "machine; send the request again later",
-                retry_after_seconds=max(
-                    1, min(math.ceil(standing.seconds_left), _retry_after(context))
-                ),
+                retry_after_seconds=max(1, min(math.ceil(standing.seconds_left), retry_after)),
             )
         await anyio.sleep(ELSEWHERE_POLL_SECONDS)
         try:
@@ -144,10 +143,6 @@ def _check_same_request(context: RequestContext, first_fingerprint: str) -> None
             "This Idempotency-Key was used for a different request; use a new key "
             "for a new recording"
         )
-
-
-def _retry_after(context: RequestContext) -> int:
-    return context.services.settings.retry_after_seconds
 
 
 def _no_answer() -> errors.ServiceError:
