@@ -8,7 +8,7 @@ import base64
 import hashlib
 import hmac
 
-SECRET_PREFIX = "whsec_"  # noqa: S105 (a prefix, not a secret)
+SECRET_PREFIX = "whsec_"  # a prefix, not a secret  # noqa: S105  # nosec B105
 """The standard's form of a signing secret: this prefix, then the key's bytes in base64."""
 SIGNATURE_VERSION = "v1"
 """HMAC-SHA256 with a shared secret, in the standard's words."""
