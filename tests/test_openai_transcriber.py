@@ -24,6 +24,7 @@ from vrai_stream.speech.transcribers.base import TranscribeOptions
 from vrai_stream.speech.transcribers.openai_models import (
     ModelList,
     is_model_gone,
+    public_message,
     request_fields,
 )
 
@@ -194,7 +195,17 @@ def gone_warnings(server: Server) -> list[dict[str, Any]]:
             "code": None,
             "message": "The model `gpt-transcribe` has been deprecated and is no longer served.",
         },
+        {  # speaches (FastAPI's `detail`), with the model not downloaded
+            "server": "speaches",
+            "message": "Model 'gpt-transcribe' is not installed locally. You can download the "
+            "model using `POST /v1/models`",
+        },
+        {  # vLLM serving another model
+            "server": "vllm",
+            "message": "The model `gpt-transcribe` does not exist.",
+        },
     ],
+    ids=["openai-404", "openai-400-deprecated", "speaches", "vllm"],
 )
 async def test_a_retired_model_falls_back_to_the_next_for_good(
     make_server: MakeServer, fake: FakeOpenAI, media: Path, retirement: dict[str, Any]
@@ -233,9 +244,21 @@ async def test_when_the_last_model_is_gone_the_request_fails(
 
     for answer in answers:
         assert_error(answer, 502, "transcription_failed")
+        assert "404" in answer.json()["message"]  # which upstream status ended it
     assert [s.form["model"] for s in fake.transcription_requests] == ["gpt-transcribe"] * 2
     [warning] = gone_warnings(server)
     assert (warning["model"], warning["nextModel"]) == ("gpt-transcribe", None)
+    # Each failed call is logged with the upstream's own reason, under the request's id.
+    for answer in answers:
+        [failed] = [
+            entry
+            for entry in server.logs()
+            if entry["message"] == "transcription call failed"
+            and entry.get("requestId") == answer.json()["requestId"]
+        ]
+        assert failed["upstreamStatus"] == 404
+        assert failed["model"] == "gpt-transcribe"
+        assert "does not exist" in failed["upstreamMessage"]
     server.wait_idle()
 
 
@@ -271,6 +294,30 @@ def test_what_counts_as_a_model_gone(
     status: int, message: str, code: str | None, gone: bool
 ) -> None:
     assert is_model_gone(api_error(status, message, code)) is gone
+
+
+def test_a_missing_model_is_recognised_whatever_the_server() -> None:
+    """FastAPI's `detail` (speaches, faster-whisper-server) and vLLM's top-level error body,
+    as the SDK raises them."""
+    request = httpx2.Request("POST", "http://127.0.0.1:8000/v1/audio/transcriptions")
+    speaches = {"detail": "Model 'gpt-transcribe' is not installed locally."}
+    vllm = {"object": "error", "message": "The model `x` does not exist.", "code": 404}
+    unrelated = {"detail": "Not Found"}  # a wrong base URL
+    for body, gone in ((speaches, True), (vllm, True), (unrelated, False)):
+        response = httpx2.Response(404, request=request, json=body)
+        error = openai.NotFoundError(f"Error code: 404 - {body}", response=response, body=body)
+        assert is_model_gone(error) is gone, body
+
+
+def test_an_upstream_message_is_logged_without_anything_like_a_key() -> None:
+    body = {"message": "Incorrect API key provided: sk-proj-abc123XYZ. " + "x" * 400}
+    request = httpx2.Request("POST", "https://api.openai.com/v1/audio/transcriptions")
+    response = httpx2.Response(401, request=request, json={"error": body})
+    error = openai.AuthenticationError("Error code: 401", response=response, body=body)
+    logged = public_message(error, secret="sk-proj-abc123XYZ")
+    assert "abc123XYZ" not in logged
+    assert logged.startswith("Incorrect API key provided: ***")
+    assert len(logged) <= 300
 
 
 def test_each_family_is_sent_the_fields_it_takes() -> None:

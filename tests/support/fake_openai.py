@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import anyio.lowlevel
@@ -213,7 +213,7 @@ class FakeOpenAI:
         self._cache: dict[tuple[Any, ...], dict[str, Any]] | None = {} if cache else None
         self._lock = threading.Lock()
         self._faults = _FaultPlan()
-        self._retired: dict[str, tuple[int, str, str | None]] = {}
+        self._retired: dict[str, tuple[int, str, str | None, ErrorShape]] = {}
         self._requests: list[Received] = []
         self._generation = 0
         self._closing = False
@@ -320,11 +320,13 @@ class FakeOpenAI:
         status: int = 404,
         message: str | None = None,
         code: str | None = "model_not_found",
+        server: ErrorShape = "openai",
     ) -> None:
-        """Answer every transcription request for `model` as OpenAI answers for a model gone."""
+        """Answer every transcription request for `model` as `server` answers for a model it
+        lacks (`ERROR_SHAPES`): OpenAI's own error body by default."""
         text = message or f"The model `{model}` does not exist or you do not have access to it."
         with self._lock:
-            self._retired[model] = (status, text, code)
+            self._retired[model] = (status, text, code, server)
 
     def clear_faults(self) -> None:
         with self._lock:
@@ -469,8 +471,10 @@ class FakeOpenAI:
         with self._lock:
             retired = self._retired.get(model)
         if retired is not None:
-            status, message, code = retired
-            return openai_error(status, message, param="model", code=code)
+            status, message, code, server = retired
+            if server == "openai":
+                return openai_error(status, message, param="model", code=code)
+            return JSONResponse(ERROR_SHAPES[server](status, message), status_code=status)
         response_format = _single(form.get("response_format")) or "json"
         if response_format not in RESPONSE_FORMATS:
             return openai_error(400, f"Invalid response_format {response_format!r}")
@@ -647,6 +651,22 @@ def echo_last_user_message(body: dict[str, Any]) -> str:
         if isinstance(message, dict) and message.get("role") == "user":
             return CHAT_PREFIX + _text_of(message.get("content"))
     return CHAT_PREFIX
+
+
+ErrorShape = Literal["openai", "speaches", "vllm"]
+ERROR_SHAPES: dict[str, Callable[[int, str], dict[str, Any]]] = {
+    # FastAPI's HTTPException body: speaches, faster-whisper-server.
+    "speaches": lambda status, message: {"detail": message},
+    # vLLM's OpenAI-compatible server: an ErrorResponse at the top level.
+    "vllm": lambda status, message: {
+        "object": "error",
+        "message": message,
+        "type": "NotFoundError" if status == 404 else "BadRequestError",
+        "param": None,
+        "code": status,
+    },
+}
+"""How other OpenAI-compatible servers shape an error, for `retire(server=...)`."""
 
 
 def openai_error(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import IO
 
 import anyio
@@ -12,7 +13,14 @@ from vrai_stream import errors
 from vrai_stream.settings import Settings
 from vrai_stream.speech.languages import language_code
 from vrai_stream.speech.transcribers.base import Audio, Segment, TranscribeOptions, Transcript
-from vrai_stream.speech.transcribers.openai_models import ModelList, is_model_gone, request_fields
+from vrai_stream.speech.transcribers.openai_models import (
+    ModelList,
+    is_model_gone,
+    public_message,
+    request_fields,
+)
+
+logger = logging.getLogger(__name__)
 
 CLIENT_REQUEST_ID = "X-Client-Request-Id"
 """OpenAI keeps a caller's own request ID with the request: support can find it by ours."""
@@ -28,6 +36,7 @@ class OpenAITranscriber:
 
     def __init__(self, settings: Settings) -> None:
         self._deadline = settings.openai_deadline_seconds
+        self._api_key = settings.openai_api_key
         self._client = openai.AsyncOpenAI(
             api_key=settings.openai_api_key,
             base_url=settings.openai_base_url,
@@ -75,22 +84,42 @@ class OpenAITranscriber:
                 **request_fields(model, audio.options),
             )
         except openai.APITimeoutError:
+            self._log_failure(model, audio, "timeout")
             raise errors.TranscriptionTimeout(
                 "The transcription service did not answer in time"
             ) from None
         except openai.APIStatusError as exc:
+            self._log_failure(model, audio, "status", exc)
             if is_model_gone(exc):
                 raise _ModelGone(exc) from None
             raise _failed(exc) from None
         except openai.APIConnectionError:
+            self._log_failure(model, audio, "connection")
             raise errors.TranscriptionFailed(
                 "The transcription service could not be reached"
             ) from None
         except openai.APIResponseValidationError:
+            self._log_failure(model, audio, "unreadable answer")
             raise errors.TranscriptionFailed(
                 "The transcription service sent an answer that could not be read"
             ) from None
         return result
+
+    def _log_failure(
+        self, model: str, audio: Audio, failure: str, error: openai.APIStatusError | None = None
+    ) -> None:
+        """Every failed call, with the upstream's own reason: a self-hosted server's log is
+        not the first place its operator should have to look."""
+        fields: dict[str, object] = {
+            "requestId": audio.request_id,
+            "model": model,
+            "failure": failure,
+        }
+        if error is not None:
+            fields["upstreamStatus"] = error.status_code
+            fields["upstreamCode"] = error.code if isinstance(error.code, str) else None
+            fields["upstreamMessage"] = public_message(error, self._api_key)
+        logger.warning("transcription call failed", extra=fields)
 
     async def aclose(self) -> None:
         await self._client.close()

@@ -27,12 +27,16 @@ MODEL_NOT_FOUND = "model_not_found"
 _GONE = re.compile(
     r"\bmodels?\b[^.]{0,120}?"
     r"(?:does not exist|doesn't exist|not found|deprecated|retired|decommissioned|discontinued"
-    r"|shut ?down|no longer (?:exists?|available|supported|served))",
+    r"|shut ?down|no longer (?:exists?|available|supported|served)|not installed"
+    r"|is not (?:available|loaded|downloaded|known))"
+    r"|\b(?:unknown|missing)\s+models?\b",
     re.IGNORECASE,
 )
-"""What a message says of a model that is gone: "The model `x` does not exist or you do not
-have access to it.", "The model `whisper-1` has been deprecated", ... The model comes first, so
-that "parameter 'x' is deprecated for this model" is not taken for the model's end."""
+"""What a message says of a model that is gone or missing, whichever OpenAI-compatible server
+says it: OpenAI's "The model `x` does not exist or you do not have access to it.", "The model
+`whisper-1` has been deprecated", vLLM's "The model `x` does not exist.", speaches' "Model 'x'
+is not installed locally.", "Unknown model"... The model comes first (but for "unknown model"),
+so that "parameter 'x' is deprecated for this model" is not taken for the model's end."""
 
 
 def is_gpt_transcribe(model: str) -> bool:
@@ -72,10 +76,30 @@ def is_model_gone(error: openai.APIStatusError) -> bool:
 
 
 def upstream_message(error: openai.APIStatusError) -> str:
-    """The `message` of OpenAI's error body, else the SDK's own summary."""
+    """The upstream's own error text (the SDK unwraps OpenAI's `error` envelope): OpenAI's and
+    vLLM's `message`, FastAPI's `detail` (speaches, faster-whisper-server); else the SDK's own
+    summary."""
     body = error.body
-    message = body.get("message") if isinstance(body, dict) else None
-    return message if isinstance(message, str) else error.message
+    if isinstance(body, dict):
+        for text in (body.get("message"), body.get("detail")):
+            if isinstance(text, str):
+                return text
+    return error.message
+
+
+MESSAGE_CHARS = 300
+"""The most of an upstream's error text a log line carries."""
+_KEY_SHAPED = re.compile(r"\b(?:sk|rk|pk)-[A-Za-z0-9_*.-]{4,}")
+"""What looks like an API key: OpenAI's 401 names the key it was given."""
+
+
+def public_message(error: openai.APIStatusError, secret: str | None = None) -> str:
+    """The upstream's error text for a log line: bounded, with the API key (`secret`) and
+    anything shaped like one blotted out, and never the audio (error bodies do not echo it)."""
+    text = upstream_message(error)
+    if secret:
+        text = text.replace(secret, "***")
+    return _KEY_SHAPED.sub("***", text)[:MESSAGE_CHARS]
 
 
 _gone: set[tuple[str, str]] = set()
@@ -121,7 +145,7 @@ class ModelList:
                     "nextModel": following,
                     "upstreamStatus": error.status_code,
                     "upstreamCode": error.code,
-                    "upstreamMessage": upstream_message(error)[:300],
+                    "upstreamMessage": public_message(error),
                 },
             )
         return following is not None
