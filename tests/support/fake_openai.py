@@ -657,7 +657,8 @@ ErrorShape = Literal["openai", "speaches", "vllm"]
 ERROR_SHAPES: dict[str, Callable[[int, str], dict[str, Any]]] = {
     # FastAPI's HTTPException body: speaches, faster-whisper-server.
     "speaches": lambda status, message: {"detail": message},
-    # vLLM's OpenAI-compatible server: an ErrorResponse at the top level.
+    # vLLM's OpenAI-compatible server as it was until its errors took OpenAI's envelope (its
+    # `ErrorResponse` at the top level; newer releases nest it under `error`, as OpenAI does).
     "vllm": lambda status, message: {
         "object": "error",
         "message": message,
