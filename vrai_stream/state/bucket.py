@@ -60,7 +60,10 @@ class StateBucket:
 
     async def ready(self) -> None:
         """Make the client (importing the SDK takes a moment), so later calls are quick."""
-        await self._client.get()
+        try:
+            await self._client.get()
+        except Exception as exc:  # a configuration the SDK refuses: the bucket is out of reach
+            raise self._unavailable("connect", "", exc) from exc
 
     async def check(self) -> None:
         """Say once, at start, whether the bucket answers (and have the client ready)."""

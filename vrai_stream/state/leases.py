@@ -95,5 +95,8 @@ class Leases:
             kept = await lease.renew(until)
         except StateUnavailable:
             return  # logged; the next round tries again, while the lease still runs
+        except Exception as exc:  # a bug: it must not end the loop every lease depends on
+            logger.error("lease not renewed", exc_info=exc)
+            return
         if not kept:
             self.release(lease)

@@ -137,21 +137,27 @@ class Webhooks:
             await anyio.sleep(outbox.look_every_seconds)
             if self._work.pending >= MAX_PENDING:
                 continue
-            for held, parcel in await outbox.orphans():
-                try:
-                    destination = self._policy.destination(parcel.url)
-                except errors.CallbackNotAllowed:
-                    logger.error(
-                        "webhook dropped: its host is no longer allowed",
-                        extra={"requestId": parcel.request_id},
-                    )
-                    await outbox.release(held)
-                    continue
-                logger.info(
-                    "webhook taken up from a machine that stopped",
-                    extra={"requestId": parcel.request_id, "destination": destination.origin},
+            try:
+                await self._take_up(outbox)
+            except Exception as exc:  # a bug: it must not stop the server, nor the next look
+                logger.error("webhooks left by other machines not taken up", exc_info=exc)
+
+    async def _take_up(self, outbox: Outbox[Any]) -> None:
+        for held, parcel in await outbox.orphans():
+            try:
+                destination = self._policy.destination(parcel.url)
+            except errors.CallbackNotAllowed:
+                logger.error(
+                    "webhook dropped: its host is no longer allowed",
+                    extra={"requestId": parcel.request_id},
                 )
-                self._work.spawn(functools.partial(self._tracked, destination, parcel, held))
+                await outbox.release(held)
+                continue
+            logger.info(
+                "webhook taken up from a machine that stopped",
+                extra={"requestId": parcel.request_id, "destination": destination.origin},
+            )
+            self._work.spawn(functools.partial(self._tracked, destination, parcel, held))
 
     async def _deliver(self, destination: Destination, request_id: str, event: Event) -> None:
         message_id = f"msg_{request_id}"
