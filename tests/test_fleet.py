@@ -31,9 +31,11 @@ from .support.fly_proxy import FlyProxy
 from .support.resumable_client import draft_fields
 from .support.s3_server import MotoServer, new_bucket, s3_client, s3_env, state_records
 from .support.server import Server, start_server, start_servers
+from .support.sse import parse_events
 from .support.webhook_receiver import Reply, WebhookReceiver
 from .test_auth_http import TOKEN_USERS, auth_header
 from .test_errors import CHUNKED, chunk_frame, read_response, request_head
+from .test_every_endpoint import WAYS, Way
 from .test_idempotency import keyed_env
 from .test_webhooks import SECRET as WEBHOOK_SECRET
 from .test_webhooks import verify
@@ -113,12 +115,12 @@ def as_user(user: str) -> dict[str, str]:
 
 
 async def post_on(
-    proxy: FlyProxy, machine: str, body: Any, headers: dict[str, str]
+    proxy: FlyProxy, machine: str, body: Any, headers: dict[str, str], path: str = WINDOW
 ) -> httpx.Response:
     """POST through the proxy, to `machine`."""
     proxy.route_next(machine)
     async with httpx.AsyncClient(base_url=proxy.url, timeout=60) as client:
-        return await client.post(WINDOW, content=body, headers=headers)
+        return await client.post(path, content=body, headers=headers)
 
 
 async def get_on(proxy: FlyProxy, machine: str, path: str, user: str) -> httpx.Response:
@@ -137,21 +139,36 @@ def billed(servers: dict[str, Server], request_id: str) -> list[float]:
     ]
 
 
-async def test_a_key_retried_on_another_machine_runs_once_and_is_billed_once(
-    fleet: dict[str, Server], upstream: FakeOpenAI, speech: bytes
+@pytest.mark.parametrize("way", WAYS, ids=lambda way: way.name)
+async def test_a_key_retried_on_another_machine_gets_the_first_answer_every_way(
+    fleet: dict[str, Server], upstream: FakeOpenAI, speech: bytes, way: Way
 ) -> None:
+    """JSON, events, the MP3, both legacy endpoints, OpenAI's plain and `stream=true`: the
+    retry on m2 gets m1's answer byte for byte, from one job billed once, and any machine
+    answers its id (but for the MP3, which is not kept)."""
+    headers = {**way.request_headers("alice"), "Idempotency-Key": f"fleet-{way.name}"}
+    body = way.encode(speech)
     async with FlyProxy(addresses(fleet)) as proxy:
-        first = await post_on(proxy, "m1", speech, keyed("alice", "fleet-retry"))
+        first = await post_on(proxy, "m1", body, headers, way.path)
         assert first.status_code == 200, first.text
+        request_id = first.headers["x-request-id"]
         calls = len(upstream.transcription_requests)
-        retry = await post_on(proxy, "m2", chunked(speech), keyed("alice", "fleet-retry"))
+        retry = await post_on(proxy, "m2", chunked(body), headers, way.path)
+        by_id = await _fetched(proxy, "m2", request_id, "alice")
     assert retry.status_code == 200, retry.text
     assert retry.headers["idempotent-replayed"] == "true"
-    assert retry.json() == first.json()
-    assert retry.headers["x-request-id"] == first.headers["x-request-id"]
+    assert retry.headers["x-request-id"] == request_id
+    assert retry.content == first.content
     assert len(upstream.transcription_requests) == calls, "transcribed again on m2"
-    assert len(billed(fleet, first.json()["requestId"])) == 1
-    assert not [e for e in fleet["m2"].request_logs() if e.get("audioSeconds")]
+    assert len(billed(fleet, request_id)) == 1
+    if way.name == "mp3":
+        assert by_id.status_code == 404
+    elif "text/event-stream" in first.headers["content-type"]:
+        assert by_id.status_code == 200, by_id.text
+        assert by_id.json() == parse_events(first.text)[-1].data
+    else:
+        assert by_id.status_code == 200, by_id.text
+        assert by_id.content == first.content
 
 
 async def test_concurrent_claims_on_two_machines_run_one_job(
