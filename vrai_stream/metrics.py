@@ -82,3 +82,19 @@ WEBHOOKS = Counter(
     ["outcome"],
     registry=REGISTRY,
 )
+UPSTREAM_LIMIT = Gauge(
+    "vrai_upstream_limit",
+    "Transcription calls the upstream API may have in flight at once (adaptive: found as it runs)",
+    registry=REGISTRY,
+)
+UPSTREAM_IN_FLIGHT = Gauge(
+    "vrai_upstream_in_flight",
+    "Transcription calls in flight to the upstream API",
+    registry=REGISTRY,
+)
+UPSTREAM_OVERLOADS = Counter(
+    "vrai_upstream_overloads",
+    "Signs the upstream API had more calls than it could take, by kind: slow, 429, 503, timeout",
+    ["kind"],
+    registry=REGISTRY,
+)

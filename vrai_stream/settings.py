@@ -24,6 +24,7 @@ from vrai_stream.auth.config import AuthConfig, AuthKind
 
 TranscriberKind = Literal["openai", "local"]
 TranscribeMode = Literal["segments", "whole"]
+ConcurrencyMode = Literal["adaptive", "fixed"]
 IndexLastKind = Literal["speculate", "exact", "spool"]
 DebugStoreKind = Literal["s3", "dir", "off"]
 
@@ -43,6 +44,7 @@ _MP3_BITRATES_KBPS = tuple(rate for rate in MPEG2_L3_KBPS if rate)
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _TRANSCRIBERS: tuple[TranscriberKind, ...] = get_args(TranscriberKind)
 _TRANSCRIBE_MODES: tuple[TranscribeMode, ...] = get_args(TranscribeMode)
+_CONCURRENCY_MODES: tuple[ConcurrencyMode, ...] = get_args(ConcurrencyMode)
 _INDEX_LAST: tuple[IndexLastKind, ...] = get_args(IndexLastKind)
 _DEBUG_STORES: tuple[DebugStoreKind, ...] = get_args(DebugStoreKind)
 _AUTH_KINDS: tuple[AuthKind, ...] = get_args(AuthKind)
@@ -361,10 +363,15 @@ class Settings:
         default=28.0, metadata=number("VRAI_SEGMENT_MAX_SECONDS", minimum=2, maximum=600)
     )
     openai_segment_concurrency: int = field(
-        default=8, metadata=integer("VRAI_OPENAI_SEGMENT_CONCURRENCY", minimum=1, maximum=64)
+        default=16, metadata=integer("VRAI_OPENAI_SEGMENT_CONCURRENCY", minimum=1, maximum=64)
     )
     openai_concurrency: int = field(
         default=32, metadata=integer("VRAI_OPENAI_CONCURRENCY", minimum=1)
+    )
+    openai_concurrency_mode: ConcurrencyMode = field(
+        # adaptive: the two limits above are ceilings, the upstream's pace finds the rest
+        default="adaptive",
+        metadata=choice("VRAI_OPENAI_CONCURRENCY_MODE", _CONCURRENCY_MODES),
     )
 
     # Index-last layouts (CAF pakt last, MP4 moov last): streamed as they arrive, exactly

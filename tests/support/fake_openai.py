@@ -7,6 +7,7 @@ Tests point the real `openai` SDK (through the service, or directly) at `FakeOpe
         fake.fail_always(500)                    # every request after that gets a 500
         fake.hang(30, times=None)                # every request waits 30 s before answering
         fake.retire("gpt-transcribe")            # 404 model_not_found for it, until reset
+        fake.limit_calls(1, hold=0.5)            # a second call at once gets 429, until reset
         fake.inject(Fault(status=500, path=CHAT_PATH), times=2)  # faults can target one path
         ...
         fake.requests                            # what it received, in order (see `Received`)
@@ -215,6 +216,10 @@ class FakeOpenAI:
         self._faults = _FaultPlan()
         self._retired: dict[str, tuple[int, str, str | None, ErrorShape]] = {}
         self._requests: list[Received] = []
+        self._capacity: tuple[int, float] | None = None
+        self._in_flight = 0
+        self.most_in_flight = 0
+        """The most transcription calls this fake has worked on at once since `reset`."""
         self._generation = 0
         self._closing = False
         self._limiter: anyio.CapacityLimiter | None = None
@@ -328,6 +333,13 @@ class FakeOpenAI:
         with self._lock:
             self._retired[model] = (status, text, code, server)
 
+    def limit_calls(self, capacity: int, *, hold: float = 0.0) -> None:
+        """Take at most `capacity` transcription calls at once, each for at least `hold`
+        seconds; answer any more `429` (with `Retry-After: 1`), as a self-hosted server with a
+        bounded queue does."""
+        with self._lock:
+            self._capacity = (capacity, hold)
+
     def clear_faults(self) -> None:
         with self._lock:
             self._faults.clear()
@@ -339,6 +351,8 @@ class FakeOpenAI:
         with self._lock:
             self._requests.clear()
             self._retired.clear()
+            self._capacity = None
+            self.most_in_flight = self._in_flight
         self.api_key = self.initial_api_key
         self.chat_reply = echo_last_user_message
 
@@ -458,7 +472,26 @@ class FakeOpenAI:
         refused = await self._admit(request, received)
         if refused is not None:
             return self._answered(received, refused)
-        return self._answered(received, await self._transcribe(received))
+        with self._lock:
+            capacity, hold = self._capacity or (math.inf, 0.0)
+            if self._in_flight >= capacity:
+                refused = openai_error(
+                    429,
+                    "Too many requests: the server is busy",
+                    kind="rate_limit_error",
+                    headers={"Retry-After": "1"},
+                )
+                return self._answered(received, refused)
+            self._in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self._in_flight)
+        try:
+            started = anyio.current_time()
+            response = await self._transcribe(received)
+            await anyio.sleep(max(0.0, started + hold - anyio.current_time()))
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+        return self._answered(received, response)
 
     async def _transcribe(self, received: Received) -> Response:
         form = received.form

@@ -57,8 +57,6 @@ class Pipeline:
         self._transcriber = transcriber
         self._debug = debug
         self.tmp_dir = tmp_dir
-        self._upstream_segments = anyio.CapacityLimiter(settings.openai_concurrency)
-        """Every job's segments in flight to an upstream API, together."""
 
     async def run(
         self,
@@ -321,7 +319,6 @@ class Pipeline:
             self._transcriber,
             spec,
             settings.openai_segment_concurrency if upstream else 1,
-            self._upstream_segments if upstream else None,
         )
         return segments
 

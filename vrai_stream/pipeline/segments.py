@@ -70,7 +70,6 @@ class LiveSegments:
         transcriber: TranscriberSource,
         spec: JobSpec,
         concurrency: int,
-        limiter: anyio.CapacityLimiter | None,
     ) -> None:
         try:
             with self._scope:
@@ -79,7 +78,6 @@ class LiveSegments:
                     spec.options,
                     concurrency=concurrency,
                     longest=self._longest_call,
-                    limiter=limiter,
                     request_id=spec.request_id,
                     on_segment=self._listener.segment,
                 )

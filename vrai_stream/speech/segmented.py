@@ -2,10 +2,10 @@
 
 A local model takes a job's segments one at a time, in order (its own limiter shares it
 fairly between jobs, first come first served); an upstream API takes up to `concurrency`
-of them at once, and a process-wide limiter caps them all.  A segment in which nobody
-speaks is not sent at all: models invent words in silence.  Times in the stitched
-transcript are seconds from the window's start: our own cuts, plus the model's own times
-within a segment where it gives them.
+of them at once, and the transcriber's own limit caps them all (`upstream_limit`).  A
+segment in which nobody speaks is not sent at all: models invent words in silence.  Times
+in the stitched transcript are seconds from the window's start: our own cuts, plus the
+model's own times within a segment where it gives them.
 """
 
 from __future__ import annotations
@@ -44,7 +44,6 @@ class SegmentedTranscription:
         *,
         concurrency: int,
         longest: float | None,
-        limiter: anyio.CapacityLimiter | None,
         request_id: str | None,
         on_segment: SegmentHeard,
     ) -> None:
@@ -52,7 +51,6 @@ class SegmentedTranscription:
         self._options = options
         self._concurrency = concurrency
         self._longest = longest
-        self._limiter = limiter
         self._request_id = request_id
         self._on_segment = on_segment
         self._heard: dict[int, tuple[Cut, Transcript]] = {}
@@ -98,11 +96,7 @@ class SegmentedTranscription:
                 request_id=self._request_id,
             )
             self.billed_seconds += cut.seconds
-            if self._limiter is None:
-                transcript = await self._transcriber.transcribe(audio)
-            else:
-                async with self._limiter:
-                    transcript = await self._transcriber.transcribe(audio)
+            transcript = await self._transcriber.transcribe(audio)
             self._heard_one(cut, transcript)
         finally:
             slots.release()

@@ -6,6 +6,7 @@ import logging
 from typing import IO
 
 import anyio
+import httpx
 import openai
 from openai.types.audio import TranscriptionVerbose
 
@@ -19,11 +20,15 @@ from vrai_stream.speech.transcribers.openai_models import (
     public_message,
     request_fields,
 )
+from vrai_stream.speech.upstream_limit import UpstreamLimit
 
 logger = logging.getLogger(__name__)
 
 CLIENT_REQUEST_ID = "X-Client-Request-Id"
 """OpenAI keeps a caller's own request ID with the request: support can find it by ours."""
+
+OVERLOADED = frozenset({429, 503})
+"""What an upstream answers when it has more calls than it can take."""
 
 
 class _ModelGone(Exception):
@@ -37,11 +42,19 @@ class OpenAITranscriber:
     def __init__(self, settings: Settings) -> None:
         self._deadline = settings.openai_deadline_seconds
         self._api_key = settings.openai_api_key
+        self.limit = UpstreamLimit(
+            settings.openai_concurrency, adaptive=settings.openai_concurrency_mode == "adaptive"
+        )
+        """Every job's calls in flight to this upstream, together."""
         self._client = openai.AsyncOpenAI(
             api_key=settings.openai_api_key,
             base_url=settings.openai_base_url,
             timeout=settings.openai_timeout_seconds,
             max_retries=settings.openai_max_retries,
+            # Every answer, the SDK's own retries' too: a 429 it retries is still a sign.
+            http_client=openai.DefaultAsyncHttpxClient(
+                event_hooks={"response": [self._heard_answer]}
+            ),
         )
         self._models = ModelList(settings.openai_models, upstream=str(self._client.base_url))
         # The SDK imports its audio resources on first use: here, in the warm-up's worker
@@ -52,6 +65,10 @@ class OpenAITranscriber:
         return None  # the upstream answers for its models' languages itself
 
     async def transcribe(self, audio: Audio) -> Transcript:
+        async with self.limit.call(audio.duration):
+            return await self._transcribe(audio)
+
+    async def _transcribe(self, audio: Audio) -> Transcript:
         start = _position(audio.file)
         try:
             # The SDK's timeout is per attempt; retries honouring Retry-After need a cap too.
@@ -70,6 +87,7 @@ class OpenAITranscriber:
                         )
                     audio.file.seek(start)  # the next model gets the whole file again
         except TimeoutError:
+            self.limit.overloaded("timeout")
             raise errors.TranscriptionTimeout(
                 "The transcription service did not answer in time"
             ) from None
@@ -85,6 +103,7 @@ class OpenAITranscriber:
             )
         except openai.APITimeoutError:
             self._log_failure(model, audio, "timeout")
+            self.limit.overloaded("timeout")
             raise errors.TranscriptionTimeout(
                 "The transcription service did not answer in time"
             ) from None
@@ -104,6 +123,10 @@ class OpenAITranscriber:
                 "The transcription service sent an answer that could not be read"
             ) from None
         return result
+
+    async def _heard_answer(self, response: httpx.Response) -> None:
+        if response.status_code in OVERLOADED:
+            self.limit.overloaded(str(response.status_code))
 
     def _log_failure(
         self, model: str, audio: Audio, failure: str, error: openai.APIStatusError | None = None
