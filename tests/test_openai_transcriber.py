@@ -204,8 +204,13 @@ def gone_warnings(server: Server) -> list[dict[str, Any]]:
             "server": "vllm",
             "message": "The model `gpt-transcribe` does not exist.",
         },
+        {  # LocalAI without such a model installed
+            "server": "localai",
+            "message": 'model "gpt-transcribe" not found. To see available models, call '
+            "GET /v1/models",
+        },
     ],
-    ids=["openai-404", "openai-400-deprecated", "speaches", "vllm"],
+    ids=["openai-404", "openai-400-deprecated", "speaches", "vllm", "localai"],
 )
 async def test_a_retired_model_falls_back_to_the_next_for_good(
     make_server: MakeServer, fake: FakeOpenAI, media: Path, retirement: dict[str, Any]
@@ -282,6 +287,7 @@ def api_error(status: int, message: str, code: str | None = None) -> openai.APIS
         (400, "The model `whisper-1` has been deprecated", None, True),
         (400, "The model whisper-1 was retired on 2027-02-26.", None, True),
         (404, "This model is no longer available.", None, True),
+        (404, "The model `whisper-large-v3.5` does not exist.", None, True),  # a dot in a name
         (404, "Not Found", None, False),  # a wrong base URL is not a retired model
         (400, "The 'language' parameter is deprecated for this model; use 'languages'.", None,
          False),
@@ -297,16 +303,32 @@ def test_what_counts_as_a_model_gone(
 
 
 def test_a_missing_model_is_recognised_whatever_the_server() -> None:
-    """FastAPI's `detail` (speaches, faster-whisper-server) and vLLM's top-level error body,
-    as the SDK raises them."""
+    """Each server's body for a model it lacks, as the SDK raises it (which unwraps a
+    top-level `error`), and the text the log line carries."""
     request = httpx2.Request("POST", "http://127.0.0.1:8000/v1/audio/transcriptions")
-    speaches = {"detail": "Model 'gpt-transcribe' is not installed locally."}
-    vllm = {"object": "error", "message": "The model `x` does not exist.", "code": 404}
-    unrelated = {"detail": "Not Found"}  # a wrong base URL
-    for body, gone in ((speaches, True), (vllm, True), (unrelated, False)):
-        response = httpx2.Response(404, request=request, json=body)
-        error = openai.NotFoundError(f"Error code: 404 - {body}", response=response, body=body)
+    localai = 'model "tiny.en" not found. To see available models, call GET /v1/models'
+    fws = "unknown model: whisper-1"
+    cases: list[tuple[int, dict[str, Any], str, bool]] = [
+        # speaches: FastAPI's `detail`
+        (404, {"detail": "Model 'x' is not installed locally."}, "Model 'x' is", True),
+        # vLLM before its errors took OpenAI's envelope
+        (404, {"object": "error", "message": "The model `x` does not exist.", "code": 404},
+         "The model `x`", True),
+        # LocalAI (core/http/middleware/request.go): OpenAI's envelope, `code` the status
+        (404, {"error": {"code": 404, "message": localai, "type": "invalid_request_error"}},
+         localai, True),
+        # faster-whisper-server 0.0.3: OpenAI's envelope inside FastAPI's `detail`, a 400
+        (400, {"detail": {"error": {"message": fws, "type": "invalid_request_error"}}}, fws,
+         True),
+        (404, {"detail": "Not Found"}, "Not Found", False),  # a wrong base URL
+    ]  # fmt: skip
+    for status, body, text, gone in cases:
+        response = httpx2.Response(status, request=request, json=body)
+        kind = openai.NotFoundError if status == 404 else openai.BadRequestError
+        unwrapped = body.get("error", body)  # as the SDK does
+        error = kind(f"Error code: {status} - {body}", response=response, body=unwrapped)
         assert is_model_gone(error) is gone, body
+        assert public_message(error).startswith(text), body
 
 
 def test_an_upstream_message_is_logged_without_anything_like_a_key() -> None:

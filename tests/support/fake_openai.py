@@ -686,9 +686,10 @@ def echo_last_user_message(body: dict[str, Any]) -> str:
     return CHAT_PREFIX
 
 
-ErrorShape = Literal["openai", "speaches", "vllm"]
+ErrorShape = Literal["openai", "speaches", "vllm", "localai"]
 ERROR_SHAPES: dict[str, Callable[[int, str], dict[str, Any]]] = {
-    # FastAPI's HTTPException body: speaches, faster-whisper-server.
+    # FastAPI's HTTPException body with a string: speaches (the PyPI package named
+    # faster-whisper-server, another project, nests OpenAI's envelope in `detail` instead).
     "speaches": lambda status, message: {"detail": message},
     # vLLM's OpenAI-compatible server as it was until its errors took OpenAI's envelope (its
     # `ErrorResponse` at the top level; newer releases nest it under `error`, as OpenAI does).
@@ -698,6 +699,12 @@ ERROR_SHAPES: dict[str, Callable[[int, str], dict[str, Any]]] = {
         "type": "NotFoundError" if status == 404 else "BadRequestError",
         "param": None,
         "code": status,
+    },
+    # LocalAI (core/http/middleware/request.go, a model it lacks: 404, its message
+    # 'model "x" not found. To see available models, call GET /v1/models'): OpenAI's envelope,
+    # with the HTTP status as `code` and no `param` (Go's omitempty).
+    "localai": lambda status, message: {
+        "error": {"code": status, "message": message, "type": "invalid_request_error"}
     },
 }
 """How other OpenAI-compatible servers shape an error, for `retire(server=...)`."""

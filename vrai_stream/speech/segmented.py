@@ -127,21 +127,25 @@ class SegmentedTranscription:
 
 
 def _placed(cut: Cut, transcript: Transcript) -> list[Segment]:
-    """A call's segments in the window's time: the model's own times within our cut, or,
-    where the model gives none (gpt-transcribe), where the voice is in the cut."""
+    """A call's segments in the window's time: the model's own times within our cut, none
+    starting before the voice does (Whisper without a VAD starts its first segment at 0 s of
+    the cut, however long the silence before the speech: 0.0-7.0 s for a sentence at 4-6.8 s,
+    as faster-whisper-server answered); or, where the model gives none (gpt-transcribe),
+    where the voice is in the cut."""
     if not transcript.text:
         return []
     if not transcript.segments:
         return [Segment(round(cut.speech_start, 3), round(cut.speech_end, 3), transcript.text)]
-    return [
-        Segment(
-            start=round(cut.start + min(part.start, cut.seconds), 3),
-            end=round(cut.start + min(part.end, cut.seconds), 3),
-            text=part.text,
-        )
-        for part in transcript.segments
-        if part.text
-    ]
+    placed = []
+    for part in transcript.segments:
+        if not part.text:
+            continue
+        start = cut.start + min(part.start, cut.seconds)
+        end = cut.start + min(part.end, cut.seconds)
+        if start < cut.speech_start < end:
+            start = cut.speech_start
+        placed.append(Segment(start=round(start, 3), end=round(end, 3), text=part.text))
+    return placed
 
 
 async def _next(cuts: MemoryObjectReceiveStream[Cut]) -> Cut | None:

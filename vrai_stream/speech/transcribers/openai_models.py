@@ -25,7 +25,7 @@ GPT_TRANSCRIBE = "gpt-transcribe"
 MODEL_NOT_FOUND = "model_not_found"
 
 _GONE = re.compile(
-    r"\bmodels?\b[^.]{0,120}?"
+    r"\bmodels?\b(?:[^.]|\.(?=\S)){0,120}?"
     r"(?:does not exist|doesn't exist|not found|deprecated|retired|decommissioned|discontinued"
     r"|shut ?down|no longer (?:exists?|available|supported|served)|not installed"
     r"|is not (?:available|loaded|downloaded|known))"
@@ -35,8 +35,10 @@ _GONE = re.compile(
 """What a message says of a model that is gone or missing, whichever OpenAI-compatible server
 says it: OpenAI's "The model `x` does not exist or you do not have access to it.", "The model
 `whisper-1` has been deprecated", vLLM's "The model `x` does not exist.", speaches' "Model 'x'
-is not installed locally.", "Unknown model"... The model comes first (but for "unknown model"),
-so that "parameter 'x' is deprecated for this model" is not taken for the model's end."""
+is not installed locally.", LocalAI's 'model "x" not found.', faster-whisper-server's
+"unknown model: x"... The model comes first (but for "unknown model"), so that "parameter 'x'
+is deprecated for this model" is not taken for the model's end; the text between stays within
+a sentence, where a dot inside a name ("tiny.en", "whisper-large-v3.5") ends none."""
 
 
 def is_gpt_transcribe(model: str) -> bool:
@@ -76,15 +78,23 @@ def is_model_gone(error: openai.APIStatusError) -> bool:
 
 
 def upstream_message(error: openai.APIStatusError) -> str:
-    """The upstream's own error text (the SDK unwraps OpenAI's `error` envelope): OpenAI's and
-    vLLM's `message`, FastAPI's `detail` (speaches, faster-whisper-server); else the SDK's own
-    summary."""
-    body = error.body
-    if isinstance(body, dict):
-        for text in (body.get("message"), body.get("detail")):
-            if isinstance(text, str):
-                return text
-    return error.message
+    """The upstream's own error text (the SDK unwraps OpenAI's `error` envelope): OpenAI's,
+    vLLM's and LocalAI's `message`, FastAPI's `detail` (speaches), or OpenAI's envelope inside
+    FastAPI's `detail` (faster-whisper-server: `{"detail": {"error": {"message": ...}}}`);
+    else the SDK's own summary."""
+    text = _text_in(error.body)
+    return text if text is not None else error.message
+
+
+def _text_in(body: object, depth: int = 0) -> str | None:
+    if not isinstance(body, dict) or depth > 2:
+        return None
+    for key in ("message", "detail", "error"):
+        value = body.get(key)
+        text = value if isinstance(value, str) else _text_in(value, depth + 1)
+        if text is not None:
+            return text
+    return None
 
 
 MESSAGE_CHARS = 300
