@@ -90,8 +90,8 @@ from .common import (
     markdown_table,
     median,
     run_ffmpeg,
+    running_helper,
     running_service,
-    stop,
     tool,
     write_json,
 )
@@ -332,24 +332,14 @@ class StandInProcess:
 def running_stand_in(folder: Path) -> Iterator[StandInProcess]:
     """The stand-in as a process of its own, so its CPU is its own to measure."""
     port = free_port()
-    command = [sys.executable, "-m", "bench.capacity", "--stand-in", "--port", str(port)]
-    with (folder / "stand-in.log").open("wb") as log:
-        process = subprocess.Popen(command, cwd=REPO_DIR, stdout=log, stderr=subprocess.STDOUT)
-    stand_in = StandInProcess(f"http://127.0.0.1:{port}/v1", process)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            with contextlib.suppress(httpx.TransportError):
-                stand_in.stats()
-                break
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"the stand-in did not start: {(folder / 'stand-in.log').read_text()}"
-                )
-            time.sleep(0.05)
-        yield stand_in
-    finally:
-        stop(process)
+    url = f"http://127.0.0.1:{port}/v1"
+    args = ["-m", "bench.capacity", "--stand-in", "--port", str(port)]
+
+    def ready() -> None:
+        httpx.get(f"{url}/stats", timeout=5)
+
+    with running_helper(args, folder / "stand-in.log", ready, timeout=30) as process:
+        yield StandInProcess(url, process)
 
 
 # --- one phone ------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -224,6 +224,31 @@ class ServerProcess:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{self.name}: a child or temp file outlived its request")
             time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def running_helper(
+    args: Sequence[str], log_path: Path, ready: Callable[[], object], timeout: float = 60
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`python ARGS` from the repository's root (a stand-in upstream, say), in a process of its
+    own so that its CPU is its own; waited for until `ready()` stops failing to connect, and
+    stopped on the way out."""
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, *args], cwd=REPO_DIR, stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                ready()
+                break
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{args} did not start: {log_path.read_text()}")
+            time.sleep(0.05)
+        yield process
+    finally:
+        stop(process)
 
 
 @contextlib.contextmanager

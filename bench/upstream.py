@@ -56,7 +56,6 @@ from starlette.routing import Route
 
 from .bitrate import edit_distance, words
 from .common import (
-    REPO_DIR,
     RESULTS_DIR,
     MiB,
     ServerProcess,
@@ -66,8 +65,8 @@ from .common import (
     markdown_table,
     median,
     run_ffmpeg,
+    running_helper,
     running_service,
-    stop,
     wait_ready,
     with_wait,
     write_json,
@@ -184,25 +183,17 @@ class UpstreamProcess:
 @contextlib.contextmanager
 def cpu_bound_upstream(folder: Path, workers: int, threads: int) -> Iterator[UpstreamProcess]:
     port = free_port()
-    command = [
-        sys.executable, "-m", "bench.upstream", "--serve-upstream", "--port", str(port),
+    url = f"http://127.0.0.1:{port}"
+    args = [
+        "-m", "bench.upstream", "--serve-upstream", "--port", str(port),
         "--upstream-workers", str(workers), "--upstream-threads", str(threads),
     ]  # fmt: skip
-    with (folder / "upstream.log").open("wb") as log:
-        process = subprocess.Popen(command, cwd=REPO_DIR, stdout=log, stderr=subprocess.STDOUT)
-    upstream = UpstreamProcess(f"http://127.0.0.1:{port}", process)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            with contextlib.suppress(httpx.TransportError):
-                upstream.stats()
-                break
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the upstream did not start: {(folder / 'upstream.log')}")
-            time.sleep(0.1)
-        yield upstream
-    finally:
-        stop(process)
+
+    def ready() -> None:
+        httpx.get(f"{url}/stats", timeout=5)
+
+    with running_helper(args, folder / "upstream.log", ready) as process:
+        yield UpstreamProcess(url, process)
 
 
 # --- the runs ---------------------------------------------------------------------------
