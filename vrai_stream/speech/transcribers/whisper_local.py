@@ -58,35 +58,31 @@ class WhisperTranscriber:
         # Never reach for a model hub: the model is a folder on this machine.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         model_path = settings.whisper_model or str(bundled_model_path())
+        # In segments mode a backlog's clips are split between workers of one thread each,
+        # decoding in parallel: on 2 cores about 25% faster than one batch on 2 threads
+        # (tiny.en's matrices are too small to share well), and a lone clip on one thread
+        # took 11% longer than on two.  The workers share the model's weights.
+        cores = settings.whisper_cpu_threads or os.cpu_count() or 1
+        self._workers = 1
+        if settings.transcribe_mode == "segments":
+            self._workers = max(1, min(cores, settings.whisper_batch_size, MAX_BATCH_WORKERS))
         self._model = BatchEncodingModel(
             model_path,
             device="cpu",
             compute_type="int8",
-            cpu_threads=settings.whisper_cpu_threads,
+            cpu_threads=1 if self._workers > 1 else settings.whisper_cpu_threads,
+            num_workers=self._workers,
             local_files_only=True,
         )
         self._beam_size = settings.whisper_beam_size
         self.batch_size = settings.whisper_batch_size
-        # A backlog's clips split between workers of one thread each, decoding in parallel:
-        # on 2 cores 28% faster than one batch on 2 threads (tiny.en's matrices are too small
-        # to share well).  A lone clip keeps every thread: that is the paced upload's wait.
-        cores = settings.whisper_cpu_threads or os.cpu_count() or 1
-        self._workers = max(1, min(cores, self.batch_size, MAX_BATCH_WORKERS))
-        self._batched = BatchedInferencePipeline(self._model)
-        self._parallel: BatchedInferencePipeline | None = None
-        self._pool: ThreadPoolExecutor | None = None
-        if self._workers > 1 and settings.transcribe_mode == "segments":
-            self._parallel = BatchedInferencePipeline(
-                BatchEncodingModel(
-                    model_path,
-                    device="cpu",
-                    compute_type="int8",
-                    cpu_threads=1,
-                    num_workers=self._workers,
-                    local_files_only=True,
-                )
-            )
-            self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="whisper-batch")
+        # A pipeline a worker: each keeps some state of its call.
+        self._pipelines = [BatchedInferencePipeline(self._model) for _ in range(self._workers)]
+        self._pool = (
+            ThreadPoolExecutor(self._workers, thread_name_prefix="whisper-batch")
+            if self._workers > 1
+            else None
+        )
         self._model_name = (
             Path(settings.whisper_model).name if settings.whisper_model else BUNDLED_MODEL_NAME
         )
@@ -160,13 +156,13 @@ class WhisperTranscriber:
             for i, parts in zip(share, heard, strict=True):
                 results[i] = _transcript(tuple(parts), language)
 
-        if self._parallel is not None and self._pool is not None and len(batched) > 1:
-            parallel = self._parallel
+        if self._pool is not None and len(batched) > 1:
             shares = [batched[k :: self._workers] for k in range(self._workers)]
-            for done in [self._pool.submit(run, parallel, share) for share in shares if share]:
+            calls = zip(self._pipelines, shares, strict=True)
+            for done in [self._pool.submit(run, pipe, share) for pipe, share in calls if share]:
                 done.result()
         elif batched:
-            run(self._batched, batched)
+            run(self._pipelines[0], batched)
         for i in samples.keys() - set(batched):
             clips[i].file.seek(0)
             results[i] = self._run(clips[i])
