@@ -106,7 +106,9 @@ OPENAI_DEADLINE_SECONDS = "150"
 REQUEST_TIMEOUT = 900.0
 SAMPLE_INTERVAL = 0.020
 
-TARGET_PACED_SECONDS = 1.0
+TARGET_PACED_SECONDS = 0.9
+TARGET_LOCAL_UNPACED_RATIO = 0.8
+"""Issue 22: a backlog batched; speaches (batched faster-whisper) measured 0.82x here."""
 PREVIOUS_WHOLE_PACED_SECONDS = 9.8
 TARGET_OPENAI_RATIO = 0.25
 TARGET_LONG_RATIO = 0.15
@@ -702,9 +704,9 @@ def _latency_targets(runs: Sequence[Run], corpus: Corpus) -> list[dict[str, Any]
             "key": "local_unpaced",
             "figure": "local model, same file, unpaced: wait after last byte",
             **_latency_row(runs, full.name, "local", None),
-            "target": "segments <= whole",
+            "target": f"segments <= {TARGET_LOCAL_UNPACED_RATIO:g} x whole",
         })  # fmt: skip
-        rows[-1]["pass"] = rows[-1]["segments"] <= rows[-1]["whole"]
+        rows[-1]["pass"] = rows[-1]["ratio"] <= TARGET_LOCAL_UNPACED_RATIO
     if pick(runs, part="latency", transcriber="openai"):
         rows.append({
             "key": "openai_unpaced",

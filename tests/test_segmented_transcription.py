@@ -327,3 +327,27 @@ async def test_segment_events_are_the_answers_segments(server: Server) -> None:
     assert [(s["start"], s["end"], s["text"]) for s in heard] == [
         (s["start"], s["end"], s["text"]) for s in answer
     ]
+
+
+async def test_a_backlog_is_transcribed_in_batches_with_its_words_where_they_are_said(
+    local_servers: dict[str, Server],
+) -> None:
+    """Two minutes uploaded far faster than the model hears them: the cuts made while it was
+    busy go in one batched call (one a cut would be at least 5: cuts are at most 28 s), and
+    each utterance's words still come at its own time in the window."""
+    server = local_servers["segments"]
+    audio = (SPEECH / "stitched.wav").read_bytes()
+    body = await _transcribe(server, audio, "?fromTime=0&toTime=120")
+    server.wait_idle()
+    assert server.request_log(str(body["requestId"]))["modelCalls"] <= 3
+    segments = body["segments"]
+    assert isinstance(segments, list)
+    times = [(segment["start"], segment["end"]) for segment in segments]
+    assert times == sorted(times) and all(0 <= s < e <= 120.1 for s, e in times), times
+    # Where each source sits in stitched.wav (../shared/speech/stitched_segments.tsv).
+    said = {"fellow americans": (0.0, 11.0), "tedious": (11.6, 23.26), "dashwood": (38.7, 45.8),
+            "capital letter": (100.5, 109.3)}  # fmt: skip
+    for phrase, (start, end) in said.items():
+        found = [s for s in segments if phrase in " ".join(words(s["text"]))]
+        assert found, f"{phrase!r} not heard: {body['transcription']}"
+        assert found[0]["start"] < end and found[0]["end"] > start, (phrase, found[0])

@@ -351,6 +351,9 @@ class Settings:
     whisper_beam_size: int = field(
         default=1, metadata=integer("VRAI_WHISPER_BEAM_SIZE", minimum=1, maximum=10)
     )
+    whisper_batch_size: int = field(
+        default=8, metadata=integer("VRAI_WHISPER_BATCH_SIZE", minimum=1, maximum=32)
+    )
 
     # Segmented transcription: cut at pauses as the audio streams, transcribe as cut
     transcribe_mode: TranscribeMode = field(

@@ -30,7 +30,7 @@ from vrai_stream.pipeline.framing import Arrivals, frame_spool
 from vrai_stream.pipeline.job import JobListener, JobResult, JobSpec, Provisional, SilentListener
 from vrai_stream.pipeline.segments import LiveSegments, TranscriberSource
 from vrai_stream.settings import Settings
-from vrai_stream.speech.segmented import LOCAL_CALL_SECONDS
+from vrai_stream.speech.segmented import CLIP_SECONDS
 from vrai_stream.speech.segmenter import Segmenter
 from vrai_stream.speech.transcribers.base import Audio, Transcript
 from vrai_stream.spool import Budget, FileSpool, Spool
@@ -311,8 +311,8 @@ class Pipeline:
             ),
             meter,
             listener,
-            # The local model joins a backlog of cuts into fuller calls (see SegmentedTranscription)
-            longest_call=None if upstream else LOCAL_CALL_SECONDS,
+            # The local model takes a backlog of cuts as one batch (see SegmentedTranscription)
+            backlog_seconds=None if upstream else settings.whisper_batch_size * CLIP_SECONDS,
         )
         group.start_soon(
             segments.transcribe,
@@ -401,6 +401,7 @@ class Pipeline:
                 return exc
             finally:
                 result.billed_seconds = segments.billed_seconds
+                result.model_calls = segments.calls
                 result.timings.transcribe = result.timings.since_origin(segments.ended_at)
             return None
         try:
@@ -424,6 +425,7 @@ class Pipeline:
     async def _transcribe(self, spec: JobSpec, output: Spool, result: JobResult) -> Transcript:
         transcriber = await self._transcriber()
         result.billed_seconds = result.duration
+        result.model_calls = 1
         try:
             return await transcriber.transcribe(
                 Audio(

@@ -171,6 +171,8 @@ class JobResult:
     """For `Accept: audio/mpeg`: the MP3 itself, handed over; whoever sends it closes it."""
     billed_seconds: float = 0.0
     """Audio sent to the transcriber: the window, less segments in which nobody speaks."""
+    model_calls: int = 0
+    """Calls to the transcriber: one a segment upstream, one a batch for the local model."""
     timings: Timings = field(default_factory=Timings)
     failure: ServiceError | None = None
     """What ended the job, when it failed; the other fields say how far it got."""
@@ -200,6 +202,7 @@ class JobResult:
             "fileSize": self.mp3_size,
             "duration": self.duration,
             "billedSeconds": round(self.billed_seconds, 3),
+            "modelCalls": self.model_calls,
             "outputSpooledToDisk": self.output_on_disk,
             "timings": self.timings.as_dict(),
             "afterLastByte": round(self.timings.after_last_byte, 3),

@@ -29,16 +29,15 @@ class LiveSegments:
         meter: BodyMeter,
         listener: JobListener,
         *,
-        longest_call: float | None,
+        backlog_seconds: float | None,
     ) -> None:
-        """`longest_call`: the most seconds one call joins from a backlog (None: a cut a call)."""
+        """`backlog_seconds`: the most audio one call takes from a backlog (None: a cut a call)."""
         self._segmenter = segmenter
         self._meter = meter
         self._listener = listener
-        self._longest_call = longest_call
         # Room for the cuts of one model call, made while the transcriber is busy: one call
         # takes them all (see `SegmentedTranscription.run`), and ffmpeg waits beyond that.
-        backlog = math.ceil((longest_call or segmenter.max_seconds) / segmenter.min_seconds)
+        backlog = math.ceil((backlog_seconds or segmenter.max_seconds) / segmenter.min_seconds)
         self._send, self._receive = anyio.create_memory_object_stream[Cut](backlog)
         self._scope = anyio.CancelScope()
         self._done = anyio.Event()
@@ -77,7 +76,6 @@ class LiveSegments:
                     await transcriber(),
                     spec.options,
                     concurrency=concurrency,
-                    longest=self._longest_call,
                     request_id=spec.request_id,
                     on_segment=self._listener.segment,
                 )
@@ -85,6 +83,7 @@ class LiveSegments:
                     self._transcript = await work.run(self._receive)
                 finally:
                     self.billed_seconds = work.billed_seconds
+                    self.calls = work.calls
         except errors.ServiceError as exc:
             # Reported when ffmpeg is done; the upload is still read to its end meanwhile.
             self._failure = exc

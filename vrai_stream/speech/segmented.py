@@ -1,11 +1,11 @@
 """Transcribes segments as they are cut, and stitches them into one transcript.
 
-A local model takes a job's segments one at a time, in order (its own limiter shares it
-fairly between jobs, first come first served); an upstream API takes up to `concurrency`
-of them at once, and the transcriber's own limit caps them all (`upstream_limit`).  A
-segment in which nobody speaks is not sent at all: models invent words in silence.  Times
-in the stitched transcript are seconds from the window's start: our own cuts, plus the
-model's own times within a segment where it gives them.
+A local model takes a job's segments in order, a backlog of them as one batch (its own
+limiter shares it fairly between jobs, first come first served); an upstream API takes up
+to `concurrency` of them at once, and the transcriber's own limit caps them all
+(`upstream_limit`).  A segment in which nobody speaks is not sent at all: models invent
+words in silence.  Times in the stitched transcript are seconds from the window's start:
+our own cuts, plus the model's own times within a segment where it gives them.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from vrai_stream.speech.segmenter import Cut
 from vrai_stream.speech.transcribers.base import (
+    WHISPER_WINDOW_SECONDS,
     Audio,
+    BatchTranscriber,
     Segment,
     TranscribeOptions,
     Transcriber,
@@ -28,12 +30,14 @@ from vrai_stream.speech.transcribers.base import (
 
 SegmentHeard = Callable[[int, Segment], None]
 
-LOCAL_CALL_SECONDS = 58.0
-"""The most audio one call to a local model takes from a backlog: two of Whisper's 30 s
-windows, less headroom.  faster-whisper reads again from a window's last timestamp, so a
-call of one window often costs two; in a longer call that tail opens the next window, as
-in a whole-window run.  Measured on `stitched.wav` (331 s): 14 windows at 58 s, 18 at 28 s
-(13 for the whole window), and no worse a word error rate."""
+CLIP_SECONDS = WHISPER_WINDOW_SECONDS
+"""The most audio one clip of a batch joins from a backlog: Whisper pays for a whole 30 s
+window whatever it holds, so consecutive cuts share one up to that."""
+JOIN_SECONDS = 25.0
+"""How long cuts joined into one clip may be, together: Whisper misreads the last words of a
+nearly full window (a 29.4 s clip of L1 heard "Babylon" as "battle on").  On the 5.5-minute
+bench passage, joins of up to 20/25/27/30 s cost 82/73/86/88 word errors (the whole window
+93), in about the same time."""
 
 
 class SegmentedTranscription:
@@ -43,14 +47,12 @@ class SegmentedTranscription:
         options: TranscribeOptions,
         *,
         concurrency: int,
-        longest: float | None,
         request_id: str | None,
         on_segment: SegmentHeard,
     ) -> None:
         self._transcriber = transcriber
         self._options = options
         self._concurrency = concurrency
-        self._longest = longest
         self._request_id = request_id
         self._on_segment = on_segment
         self._heard: dict[int, tuple[Cut, Transcript]] = {}
@@ -59,15 +61,18 @@ class SegmentedTranscription:
         self._announced = 0
         self.billed_seconds = 0.0
         """Audio sent to the model: the window less the segments nobody speaks in."""
+        self.calls = 0
+        """Calls to the model: fewer than the cuts when a backlog goes as one batch."""
 
     async def run(self, cuts: MemoryObjectReceiveStream[Cut]) -> Transcript:
         """Transcribe every cut `cuts` brings until it ends; raise the first failure.
 
-        With `longest`, cuts made while every slot was busy go in one call, up to that many
-        seconds: a local model pays for whole 30 s windows, so a backlog costs fewer, fuller
-        calls, and it times its own words.  Without, each cut is a call of its own:
-        an API runs them in parallel, and its times may be only those of our cuts.
+        A model that takes batches (the local one) gets the cuts made while it was busy as
+        one call: consecutive cuts joined into clips of up to `JOIN_SECONDS`, at most its
+        `batch_size` clips, each timed by the model within our cuts; a lone cut goes alone.
+        Any other model gets a call per cut: an API runs them in parallel.
         """
+        batches = self._transcriber if isinstance(self._transcriber, BatchTranscriber) else None
         slots = anyio.Semaphore(self._concurrency)
         held: Cut | None = None
         async with anyio.create_task_group() as group, cuts:
@@ -77,29 +82,67 @@ class SegmentedTranscription:
                     self._heard_one(cut, Transcript(text=""))
                     continue
                 await slots.acquire()
-                while self._longest and (following := _ready(cuts)) is not None:
-                    if cut.seconds + following.seconds > self._longest:
-                        held = following
-                        break
-                    cut = cut.joined(following)
-                group.start_soon(self._transcribe, cut, slots)
+                if batches is None:
+                    group.start_soon(self._transcribe, cut, slots)
+                    continue
+                clips, held = self._backlog(cut, cuts, batches.batch_size)
+                group.start_soon(self._transcribe_batch, batches, clips, slots)
         return self._stitched()
+
+    def _backlog(
+        self, cut: Cut, cuts: MemoryObjectReceiveStream[Cut], batch_size: int
+    ) -> tuple[list[Cut], Cut | None]:
+        """`cut` and the cuts already made after it, as at most `batch_size` clips; the first
+        that does not fit is held for the next call.  Silent cuts are answered at once."""
+        clips = [cut]
+        while (following := _ready(cuts)) is not None:
+            if not following.speech:
+                self._heard_one(following, Transcript(text=""))
+                continue
+            last = clips[-1]
+            if (
+                following.index == last.index + last.count
+                and last.seconds + following.seconds <= JOIN_SECONDS
+            ):
+                clips[-1] = last.joined(following)
+            elif len(clips) < batch_size:
+                clips.append(following)
+            else:
+                return clips, following
+        return clips, None
 
     async def _transcribe(self, cut: Cut, slots: anyio.Semaphore) -> None:
         try:
-            audio = Audio(
-                file=io.BytesIO(cut.wav()),
-                duration=cut.seconds,
-                filename=f"segment-{cut.index}.wav",
-                content_type="audio/wav",
-                options=self._options,
-                request_id=self._request_id,
-            )
-            self.billed_seconds += cut.seconds
+            self.calls += 1
+            audio = self._audio(cut)
             transcript = await self._transcriber.transcribe(audio)
             self._heard_one(cut, transcript)
         finally:
             slots.release()
+
+    async def _transcribe_batch(
+        self, transcriber: BatchTranscriber, clips: list[Cut], slots: anyio.Semaphore
+    ) -> None:
+        try:
+            self.calls += 1
+            transcripts = await transcriber.transcribe_batch([self._audio(clip) for clip in clips])
+            for clip, transcript in zip(clips, transcripts, strict=True):
+                self._heard_one(clip, transcript)
+        finally:
+            slots.release()
+
+    def _audio(self, cut: Cut) -> Audio:
+        """The cut as a WAV file for the model; counted as a call's audio."""
+        self.billed_seconds += cut.seconds
+        return Audio(
+            file=io.BytesIO(cut.wav()),
+            duration=cut.seconds,
+            filename=f"segment-{cut.index}.wav",
+            content_type="audio/wav",
+            options=self._options,
+            request_id=self._request_id,
+            voiced_until=cut.speech_end - cut.start,
+        )
 
     def _heard_one(self, cut: Cut, transcript: Transcript) -> None:
         """Keep a result (not its audio: memory stays flat in the window's length); announce

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import IO, Protocol
+from typing import IO, Protocol, runtime_checkable
+
+WHISPER_WINDOW_SECONDS = 30.0
+"""What Whisper hears at a time: the most one clip of a batch may hold."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,9 @@ class Audio:
     options: TranscribeOptions = field(default_factory=TranscribeOptions)
     request_id: str | None = None
     """Ours, sent upstream so that one request can be traced on both sides."""
+    voiced_until: float | None = None
+    """Seconds into the audio where its last voiced frame ends, when our segmenter knows:
+    a model that stopped well before it has words left to hear."""
 
 
 class Transcriber(Protocol):
@@ -58,3 +65,16 @@ class Transcriber(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class BatchTranscriber(Transcriber, Protocol):
+    """A model that hears several clips in one call faster than one after another (the local
+    model: its decoder steps through a batch at once)."""
+
+    batch_size: int
+    """The most clips one call takes."""
+
+    async def transcribe_batch(self, clips: Sequence[Audio]) -> list[Transcript]:
+        """One transcript per clip, in order, each timed from its own clip's start."""
+        ...
