@@ -161,6 +161,31 @@ async def test_a_resumption_takes_over_from_a_connection_that_still_seems_alive(
     assert b"".join(read) == b"abcd"
 
 
+async def test_a_chunk_withdrawn_as_the_job_reaches_for_it_does_not_end_the_upload() -> None:
+    """A resumption cuts off the old connection just as the job goes to take its pending
+    chunk: the chunk goes back, and the job waits on (it once read a withdrawn chunk as the
+    grace being over, and the resume found the upload `410` expired)."""
+    upload = session(grace=30)
+    read: list[bytes] = []
+
+    async def one_then_stall() -> AsyncIterator[bytes]:
+        yield b"ab"
+        await anyio.sleep_forever()
+        yield b""  # pragma: no cover
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(lambda: upload.feed(one_then_stall(), complete=True))
+        await anyio.wait_all_tasks_blocked()  # "ab" is offered; nobody has taken it yet
+        # The take-over cuts the feeder off first; the job's read starts in the same
+        # instant, before the feeder has withdrawn its chunk.
+        group.start_soon(upload.take_over)
+        group.start_soon(read_all, upload, read)
+        await anyio.wait_all_tasks_blocked()
+        assert upload.state is State.WAITING, upload.ended_because
+        await upload.feed(pieces(b"abcd"[upload.offset :]), complete=True)
+    assert b"".join(read) == b"abcd"
+
+
 async def test_waiting_uploads_beyond_the_cap_end_oldest_first() -> None:
     uploads = Uploads(machine="local", grace_seconds=60, max_waiting=2, idle_timeout_seconds=5)
     made = [uploads.create(user_id="alice") for _ in range(4)]

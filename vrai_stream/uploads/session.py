@@ -76,7 +76,9 @@ class _Handoff:
     async def take(self, deadline: float) -> bytes | None:
         """The next chunk; None once closed; TimeoutError when none came by `deadline`."""
         with anyio.CancelScope(deadline=deadline) as self._wait:
-            await self._ready.wait()
+            # A chunk offered may be withdrawn while this wakes: wait for the next offer.
+            while self._chunk is None and not self.closed:
+                await self._ready.wait()
         self._wait = None
         if self._chunk is not None:
             chunk, self._chunk = self._chunk, None
