@@ -641,9 +641,10 @@ ran on a CPU and how long it and the poller sat runnable with no CPU."""
 class LoopLag:
     latencies: list[float]
     stalls: list[float]
-    """Per request: its latency less the time the server's loop thread or the poller was
-    runnable but given no CPU (whichever is longer): what the loop itself could have caused,
-    computing or blocked in a system call.  An upper bound of the loop's share."""
+    """Per request: its latency less the time the server's loop thread and the poller were
+    runnable but given no CPU: what the loop itself could have caused, computing or blocked
+    in a system call.  The two waits are added: they fall at different times (the poller
+    sleeps in `recv` while the server works, and is runnable only around it)."""
     loop_cpu: list[float]
     gaps: list[float]
 
@@ -651,7 +652,7 @@ class LoopLag:
     def from_samples(cls, samples: list[list[float]], interval: float) -> LoopLag:
         latencies = [received - sent for sent, received, *_ in samples]
         stalls = [
-            max(0.0, (received - sent) - max(server_wait, own_wait))
+            max(0.0, (received - sent) - server_wait - own_wait)
             for sent, received, _, server_wait, own_wait in samples
         ]
         gaps = [
