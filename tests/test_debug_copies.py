@@ -630,7 +630,9 @@ async def test_a_resumed_upload_keeps_one_whole_input_copy(
         lambda: (
             copy_keys(s3, bucket, logged["requestId"]).get("debug-input")
             and copy_keys(s3, bucket, logged["requestId"])
-        )
+        ),
+        timeout=30,  # 20 MB through moto, on a busy machine
+        what="the whole input's copy",
     )
     assert sha256(read_object(s3, bucket, keys["debug-input"])) == sha256(audio)
     assert multipart_uploads(s3, bucket) == []
@@ -640,6 +642,7 @@ async def test_a_resumed_upload_keeps_one_whole_input_copy(
 # --- S3 in trouble: the user never notices ---------------------------------------------------
 
 
+@pytest.mark.alone  # timed against a baseline
 async def test_s3_dying_mid_upload_neither_slows_nor_fails_the_request(
     make_server: Any, moto: MotoServer, s3: Any, bucket: str, recordings: dict[str, bytes],
     off_server: Server,
@@ -700,6 +703,7 @@ def _auth_moto(tmp_path: Path) -> tuple[MotoServer, Any, str]:
     return running, client, name
 
 
+@pytest.mark.alone  # timed against a baseline
 @pytest.mark.parametrize("trouble", ["wrong-credentials", "no-such-bucket", "nothing-listening"])
 async def test_misconfigured_s3_warns_once_and_never_fails_a_request(
     make_server: Any, moto: MotoServer, recordings: dict[str, bytes], off_server: Server,
@@ -738,6 +742,7 @@ async def test_misconfigured_s3_warns_once_and_never_fails_a_request(
             auth.stop()
 
 
+@pytest.mark.alone  # timed against a baseline
 async def test_slow_s3_neither_slows_the_request_nor_grows_memory(
     make_server: Any, moto: MotoServer, s3: Any, bucket: str, recordings: dict[str, bytes],
     off_server: Server,

@@ -729,6 +729,7 @@ def load_mix(
     ]  # fmt: skip
 
 
+@pytest.mark.alone
 async def test_event_loop_is_never_blocked_under_load(
     busy_server: tuple[Server, Any, str],
     phones: dict[str, PhoneFile],

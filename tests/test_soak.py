@@ -26,6 +26,7 @@ def phones(media: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, P
     return phone_files(tmp_path_factory.getbasetemp() / "phones", media / "sentence.wav")
 
 
+@pytest.mark.alone
 def test_short_soak_keeps_working_and_leaves_nothing(
     phones: dict[str, PhoneFile], tmp_path: Path
 ) -> None:

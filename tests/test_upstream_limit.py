@@ -24,7 +24,7 @@ from .support.client import chunked
 from .support.fake_openai import FakeOpenAI
 from .support.server import Server, start_server
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.alone]  # it reads latency: a busy CPU is congestion
 
 SEGMENT_SECONDS = 10.0
 
