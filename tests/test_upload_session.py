@@ -85,6 +85,13 @@ async def pieces(*parts: bytes, then_drop: bool = False) -> AsyncIterator[bytes]
         raise errors.ClientDisconnected("gone")
 
 
+async def stalling_after(part: bytes) -> AsyncIterator[bytes]:
+    """A connection that sends `part`, then nothing more, and never ends."""
+    yield part
+    await anyio.sleep_forever()
+    yield b""  # pragma: no cover
+
+
 async def read_all(
     upload: UploadSession, into: list[bytes], failures: list[BaseException] | None = None
 ) -> None:
@@ -126,15 +133,11 @@ async def test_an_upload_not_resumed_in_time_fails_the_job_as_a_disconnect() -> 
 async def test_a_stalled_connection_is_treated_as_dropped() -> None:
     upload = session(idle=0.1, grace=5.0)
 
-    async def stalls() -> AsyncIterator[bytes]:
-        yield b"ab"
-        await anyio.sleep_forever()
-        yield b""  # pragma: no cover
-
     read: list[bytes] = []
     async with anyio.create_task_group() as group:
         group.start_soon(read_all, upload, read)
-        assert not await upload.feed(stalls(), complete=True)  # cut off by the job's idle time
+        # Cut off by the job's idle time:
+        assert not await upload.feed(stalling_after(b"ab"), complete=True)
         assert upload.state is State.WAITING
         await upload.feed(pieces(b"cd"), complete=True)
     assert b"".join(read) == b"abcd"
@@ -144,14 +147,9 @@ async def test_a_resumption_takes_over_from_a_connection_that_still_seems_alive(
     upload = session()
     read: list[bytes] = []
 
-    async def slow() -> AsyncIterator[bytes]:
-        yield b"ab"
-        await anyio.sleep_forever()
-        yield b""  # pragma: no cover
-
     async with anyio.create_task_group() as group:
         group.start_soon(read_all, upload, read)
-        group.start_soon(lambda: upload.feed(slow(), complete=True))
+        group.start_soon(lambda: upload.feed(stalling_after(b"ab"), complete=True))
         with anyio.fail_after(5):
             while upload.offset < 2:  # noqa: ASYNC110 (the reader's progress)
                 await anyio.sleep(0.01)
@@ -168,13 +166,8 @@ async def test_a_chunk_withdrawn_as_the_job_reaches_for_it_does_not_end_the_uplo
     upload = session(grace=30)
     read: list[bytes] = []
 
-    async def one_then_stall() -> AsyncIterator[bytes]:
-        yield b"ab"
-        await anyio.sleep_forever()
-        yield b""  # pragma: no cover
-
     async with anyio.create_task_group() as group:
-        group.start_soon(lambda: upload.feed(one_then_stall(), complete=True))
+        group.start_soon(lambda: upload.feed(stalling_after(b"ab"), complete=True))
         await anyio.wait_all_tasks_blocked()  # "ab" is offered; nobody has taken it yet
         # The take-over cuts the feeder off first; the job's read starts in the same
         # instant, before the feeder has withdrawn its chunk.
