@@ -30,9 +30,8 @@ from vrai_stream.pipeline.framing import Arrivals, frame_spool
 from vrai_stream.pipeline.job import JobListener, JobResult, JobSpec, Provisional, SilentListener
 from vrai_stream.pipeline.segments import LiveSegments, TranscriberSource
 from vrai_stream.settings import Settings
-from vrai_stream.speech.segmented import CLIP_SECONDS
 from vrai_stream.speech.segmenter import Segmenter
-from vrai_stream.speech.transcribers.base import Audio, Transcript
+from vrai_stream.speech.transcribers.base import WHISPER_WINDOW_SECONDS, Audio, Transcript
 from vrai_stream.spool import Budget, FileSpool, Spool
 
 
@@ -305,14 +304,16 @@ class Pipeline:
         if spec.want_mp3 or settings.transcribe_mode != "segments":
             return None
         upstream = settings.transcriber == "openai"
+        # The local model takes a backlog of cuts as one batch (see SegmentedTranscription):
+        # at most its batch size in clips, each at most Whisper's window.
+        batch_seconds = settings.whisper_batch_size * WHISPER_WINDOW_SECONDS
         segments = LiveSegments(
             Segmenter(
                 min_seconds=settings.segment_min_seconds, max_seconds=settings.segment_max_seconds
             ),
             meter,
             listener,
-            # The local model takes a backlog of cuts as one batch (see SegmentedTranscription)
-            backlog_seconds=None if upstream else settings.whisper_batch_size * CLIP_SECONDS,
+            backlog_seconds=None if upstream else batch_seconds,
         )
         group.start_soon(
             segments.transcribe,

@@ -19,7 +19,6 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from vrai_stream.speech.segmenter import Cut
 from vrai_stream.speech.transcribers.base import (
-    WHISPER_WINDOW_SECONDS,
     Audio,
     BatchTranscriber,
     Segment,
@@ -30,9 +29,6 @@ from vrai_stream.speech.transcribers.base import (
 
 SegmentHeard = Callable[[int, Segment], None]
 
-CLIP_SECONDS = WHISPER_WINDOW_SECONDS
-"""The most audio one clip of a batch joins from a backlog: Whisper pays for a whole 30 s
-window whatever it holds, so consecutive cuts share one up to that."""
 JOIN_SECONDS = 25.0
 """How long cuts joined into one clip may be, together: Whisper misreads the last words of a
 nearly full window (a 29.4 s clip of L1 heard "Babylon" as "battle on").  On the 5.5-minute
