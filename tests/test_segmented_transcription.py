@@ -14,7 +14,14 @@ import anyio
 import httpx
 import pytest
 
+from vrai_stream import errors
+from vrai_stream.bodies.limits import BodyMeter
+from vrai_stream.media.window import Window
+from vrai_stream.pipeline.job import JobSpec, SilentListener
+from vrai_stream.pipeline.segments import LiveSegments
 from vrai_stream.settings import Settings
+from vrai_stream.speech.segmenter import Segmenter
+from vrai_stream.speech.transcribers.base import Audio, Transcriber, Transcript
 
 from .support.audio import has_words, run_ffmpeg, speak
 from .support.client import chunked
@@ -216,6 +223,47 @@ async def test_a_segment_that_fails_for_good_fails_the_request_with_502(
     assert response.json()["code"] == "transcription_failed"
     openai_server.wait_idle()
     assert openai_server.children() == []
+
+
+class HungTranscriber:
+    """An upstream that never answers: only the deadline ends its call."""
+
+    name = "hung"
+
+    def unsupported_language(self, language: str) -> str | None:
+        return None
+
+    async def transcribe(self, audio: Audio) -> Transcript:
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_the_deadline_ends_the_call_in_flight_and_still_counts_it(tmp_path: Path) -> None:
+    """The request is billed and logged for the call the deadline cut short.  The outcome
+    used to be read before that call's task had ended: no count yet, and a 500."""
+    pcm_path = tmp_path / "phrase.pcm"
+    wav = speak("Please call Stella and ask her to bring these things.", tmp_path / "phrase.wav")
+    run_ffmpeg("-i", str(wav), "-f", "s16le", "-ac", "1", "-ar", "16000", str(pcm_path))
+    segments = LiveSegments(Segmenter(), BodyMeter(), SilentListener(), backlog_seconds=None)
+    pipe = segments.pcm_pipe()  # only its callbacks are used: ffmpeg is not the point here
+    pipe.close_write_end()
+    await pipe.reader.aclose()
+
+    async def hung() -> Transcriber:
+        return HungTranscriber()
+
+    spec = JobSpec(request_id="deadline", window=Window(0, 60))
+    async with anyio.create_task_group() as group:
+        group.start_soon(segments.transcribe, hung, spec, 1)
+        await pipe.sink(pcm_path.read_bytes())
+        await pipe.end()
+        with pytest.raises(errors.TranscriptionTimeout):
+            await segments.outcome(0.2)
+        assert segments.calls == 1
+        assert segments.billed_seconds > 2.0, segments.billed_seconds
 
 
 # --- a segment's text reaches the client while it is still uploading ----------------------------

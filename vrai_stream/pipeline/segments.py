@@ -45,6 +45,7 @@ class LiveSegments:
         self._failure: errors.ServiceError | None = None
         self._ended_at: float | None = None
         self.billed_seconds = 0.0
+        self.calls = 0
 
     def pcm_pipe(self) -> PcmPipe:
         return PcmPipe(self._heard, self._ended)
@@ -113,6 +114,8 @@ class LiveSegments:
                 await self._done.wait()
         except TimeoutError:
             self.stop()
+            # The calls cut short are billed and logged too: their task counts them as it ends.
+            await self._done.wait()
             raise errors.TranscriptionTimeout(
                 "The transcription service did not answer in time"
             ) from None
