@@ -44,6 +44,13 @@ make it take, which is the cap.
 JOB_OVERHEAD_BYTES = 2 * MiB
 """Sniffed head, socket and pipe buffers, and Python objects of one job."""
 
+ANSWER_RECORDING_BYTES = 4 * MiB
+"""One job's answer recorded for a retry with its `Idempotency-Key`: longer ones are not kept,
+and stop being recorded here (`uploads.idempotency`)."""
+
+KEPT_ANSWERS_BYTES = 32 * MiB
+"""Every answer kept for `Idempotency-Key` retries together, oldest dropped first."""
+
 MAX_JOBS_CEILING = 16
 """Beyond this, jobs only share the CPU more thinly: more memory buys nothing."""
 
@@ -97,7 +104,7 @@ def per_job_bytes(settings: Settings) -> int:
     # The output spool, and the copy made of it to count frames and hand to the copies.
     spool = 2 * settings.spool_memory_bytes
     ffmpeg = settings.ffmpeg_memory_bytes or FFMPEG_UNCAPPED_BYTES
-    return ffmpeg + JOB_OVERHEAD_BYTES + spool + debug_buffer
+    return ffmpeg + JOB_OVERHEAD_BYTES + ANSWER_RECORDING_BYTES + spool + debug_buffer
 
 
 def reserved_bytes(settings: Settings) -> int:
@@ -106,6 +113,7 @@ def reserved_bytes(settings: Settings) -> int:
     return (
         PROCESS_BASE_BYTES
         + FFMPEG_SHARED_BYTES
+        + KEPT_ANSWERS_BYTES
         + (local_model if settings.transcriber == "local" else 0)
     )
 

@@ -18,15 +18,16 @@ from dataclasses import dataclass, field
 import anyio
 
 from vrai_stream import errors
+from vrai_stream.memory_plan import ANSWER_RECORDING_BYTES, KEPT_ANSWERS_BYTES
 from vrai_stream.uploads.recorded import RecordedAnswer
 
 MAX_KEY_LENGTH = 255
 MAX_ENTRIES = 10_000
 """Keys kept at most, oldest dropped first: memory stays bounded whatever clients send."""
-MAX_KEPT_ANSWER_BYTES = 4 * 1024 * 1024
-MAX_KEPT_TOTAL_BYTES = 32 * 1024 * 1024
-"""All kept answers together, oldest dropped first: on a 1 GB machine, memory stays planned
-whatever clients send (a 3-hour transcript with its segments is about 200 kB)."""
+MAX_KEPT_ANSWER_BYTES = ANSWER_RECORDING_BYTES
+MAX_KEPT_TOTAL_BYTES = KEPT_ANSWERS_BYTES
+"""All kept answers together, oldest dropped first: counted in the memory plan, so memory
+stays planned whatever clients send (a 3-hour transcript with its segments is about 200 kB)."""
 TRANSIENT_STATUSES = frozenset({408, 409, 429, 499})
 
 
