@@ -435,7 +435,9 @@ async def test_hung_api_is_a_504_after_the_timeout(
     elapsed = time.monotonic() - began
 
     assert_error(response, 504, "transcription_timeout")
-    assert 1.0 <= elapsed < 6.0, elapsed
+    # At the 1 s timeout, not at the upstream's whim (it never answers): 10 s leaves room for
+    # a busy machine's upload and ffmpeg around it.
+    assert 1.0 <= elapsed < 10.0, elapsed
     assert len(fake.transcription_requests) == 1
     assert_key_hidden(server, response)
     server.wait_idle()

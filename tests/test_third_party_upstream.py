@@ -252,7 +252,9 @@ async def test_a_hung_server_is_our_504_and_leaves_nothing(
         upstream.resume()
 
     body = assert_error(answer, 504, "transcription_timeout")
-    assert 1.0 <= elapsed < 6.0, elapsed
+    # At the 1 s timeout, not at the upstream's whim (it never answers): 10 s leaves room for
+    # a busy machine's upload and ffmpeg around it.
+    assert 1.0 <= elapsed < 10.0, elapsed
     assert [c["failure"] for c in failed_calls(server, body["requestId"])] == ["timeout"]
     server.wait_idle()
     assert upstream_connections(server, upstream) == []
