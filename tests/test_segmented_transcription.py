@@ -226,7 +226,9 @@ async def test_a_segment_that_fails_for_good_fails_the_request_with_502(
 
 
 class HungTranscriber:
-    """An upstream that never answers: only the deadline ends its call."""
+    """An upstream that never answers: only the deadline ends its call.  A stand-in, so that
+    the race below happens every time; the real SDK against a hung server is
+    `tests/test_faults.py::test_hanging_upstream_is_504_at_the_deadline`."""
 
     name = "hung"
 
